@@ -1,0 +1,263 @@
+"""The job's configuration: one pydantic model, read from a YAML file, the
+environment (`CIFAR_TRAIN__EPOCHS=3`) and `--set train.epochs=3`, in rising
+precedence. Unknown keys are errors everywhere, so a typo never silently
+trains with a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from job.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticData(Section):
+    train_size: int = Field(10_000, ge=1)
+    test_size: int = Field(2_000, ge=1)
+
+
+class Data(Section):
+    source: Literal["synthetic", "cifar10"] = "synthetic"
+    # None means the canonical CIFAR-10 binary archive (checksum verified).
+    uri: str | None = None
+    cache_dir: str = "~/.cache/cifar10-pipeline"
+    synthetic: SyntheticData = SyntheticData()
+    validation_size: int = Field(1_000, ge=0)
+    augment: bool = False
+
+
+class Model(Section):
+    name: Literal["simple_cnn", "resnet"] = "simple_cnn"
+
+
+class Constant(Section):
+    name: Literal["constant"] = "constant"
+
+
+class Exponential(Section):
+    name: Literal["exponential"]
+    decay_rate: float = Field(0.96, gt=0, le=1)
+    decay_epochs: float = Field(1.0, gt=0)
+
+
+class Cosine(Section):
+    name: Literal["cosine"]
+    warmup_epochs: float = Field(0.0, ge=0)
+    final_fraction: float = Field(0.0, ge=0, le=1)
+
+
+class OneCycle(Section):
+    name: Literal["one_cycle"]
+    # Fraction of the run spent rising to the peak learning rate.
+    peak_at: float = Field(0.25, gt=0, lt=1)
+    start_fraction: float = Field(0.1, gt=0, le=1)
+    final_fraction: float = Field(0.0, ge=0, le=1)
+
+
+class ReduceOnPlateau(Section):
+    name: Literal["reduce_on_plateau"]
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(2, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+_SCHEDULES = (Constant, Exponential, Cosine, OneCycle, ReduceOnPlateau)
+Schedule = Annotated[Union[_SCHEDULES], Field(discriminator="name")]
+_SCHEDULE_NAMES = {get_args(s.model_fields["name"].annotation)[0] for s in _SCHEDULES}
+
+
+class EarlyStopping(Section):
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+
+class Train(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    steps_per_loop: int = Field(1, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(0.001, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Schedule = Constant()
+    early_stopping: EarlyStopping = EarlyStopping()
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    deterministic: bool = True
+    log_every_steps: int = Field(50, ge=1)
+
+    @field_validator("lr_schedule", mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        # `lr_schedule: cosine` is shorthand for `lr_schedule: {name: cosine}`.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class Checkpoint(Section):
+    uri: str = "runs/default/checkpoints"
+    every_steps: int = Field(500, ge=1)
+    keep: int = Field(3, ge=1)
+    resume: Literal["auto", "never", "required"] = "auto"
+
+
+class Export(Section):
+    uri: str = "runs/default/export"
+    model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix="CIFAR_", env_nested_delimiter="__"
+    )
+
+    seed: int = 0
+    data: Data = Data()
+    model: Model = Model()
+    train: Train = Train()
+    checkpoint: Checkpoint = Checkpoint()
+    export: Export = Export()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        needs_val = [
+            name
+            for name, on in [
+                ("train.early_stopping", self.train.early_stopping.enabled),
+                ("train.lr_schedule (reduce_on_plateau)", self.train.lr_schedule.name == "reduce_on_plateau"),
+            ]
+            if on
+        ]
+        if needs_val and self.data.validation_size == 0:
+            raise ValueError(f"data.validation_size is 0 but {needs_val[0]} needs a validation split")
+        if self.data.source == "synthetic" and self.data.validation_size >= self.data.synthetic.train_size:
+            raise ValueError("data.validation_size must be smaller than data.synthetic.train_size")
+        return self
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that give stored training state its meaning.
+
+        Resuming under different values would load weights or optimizer slots
+        into a different problem; stop conditions (epochs, max_steps, early
+        stopping) and where things are stored may change freely.
+        """
+        d = self.model_dump(mode="json")
+        return {
+            "seed": d["seed"],
+            "data.source": d["data"]["source"],
+            "data.synthetic": d["data"]["synthetic"],
+            "data.validation_size": d["data"]["validation_size"],
+            "data.augment": d["data"]["augment"],
+            "model.name": d["model"]["name"],
+            "train.optimizer": d["train"]["optimizer"],
+            "train.batch_size": d["train"]["batch_size"],
+            "train.mixed_precision": d["train"]["mixed_precision"],
+        }
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = node[part] = _as_mapping(child)
+        node = child
+    node[leaf] = value
+
+
+def _as_mapping(value: Any) -> dict:
+    # A name given alone (`lr_schedule: cosine`) still takes parameters set
+    # beside it from another source (`--set train.lr_schedule.warmup_epochs=1`).
+    return {"name": value} if isinstance(value, str) else {}
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and key in out:
+            below = out[key] if isinstance(out[key], dict) else _as_mapping(out[key])
+            out[key] = _deep_merge(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        # YAML gives `3`, `true`, `null` and `[1, 2]` their natural types.
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        # A discriminated union puts the chosen tag into the location
+        # (`train.lr_schedule.cosine.bogus`); users wrote no such key.
+        where = ".".join(str(p) for p in item["loc"] if p not in _SCHEDULE_NAMES)
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve the config: defaults < file < environment < --set."""
+    file_values = read_yaml(path) if path is not None else {}
+    set_values = parse_overrides(overrides or [])
+    # Environment values must beat the file but lose to --set, and
+    # pydantic-settings ranks init kwargs above the environment, so the file
+    # and --set are merged here and the environment slotted between them.
+    env_values = _environment()
+    merged = _deep_merge(_deep_merge(file_values, env_values), set_values)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def _environment() -> dict:
+    """`CIFAR_TRAIN__EPOCHS=3` as `{"train": {"epochs": "3"}}`, via pydantic-settings' own parser."""
+    return EnvSettingsSource(Config, case_sensitive=False)()
+
+
+def from_json(text: str) -> Config:
+    return Config.model_validate(json.loads(text))

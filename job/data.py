@@ -1,0 +1,126 @@
+"""Datasets and the input pipeline.
+
+Everything random here is a pure function of (seed, epoch, example index):
+the order of an epoch, each example's crop and flip. That is what lets a run
+stopped at any step and restarted see exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from job import cifar10
+from job.config import Config
+from job.errors import ConfigError
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PAD = 4
+# The synthetic classes are fixed, whatever the run's seed, so that every run
+# and every test sees the same problem.
+_SYNTHETIC_SEED = 20_240_601
+
+
+@dataclass(frozen=True)
+class Splits:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    checksum: str
+
+
+def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """CIFAR-shaped data a small CNN learns within an epoch or two.
+
+    Each class is a blocky colour pattern; an example is its class's pattern
+    shifted by a few pixels, under heavy per-pixel noise, so the classes are
+    separable but not by a single pixel.
+    """
+    rng = np.random.default_rng(_SYNTHETIC_SEED)
+    blocks = rng.uniform(0, 255, size=(len(CLASS_NAMES), 4, 4, 3))
+    templates = blocks.repeat(8, axis=1).repeat(8, axis=2)
+
+    def draw(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+        r = np.random.default_rng([_SYNTHETIC_SEED, stream])
+        labels = r.integers(0, len(CLASS_NAMES), size=n)
+        shifts = r.integers(-3, 4, size=(n, 2))
+        noise = r.normal(0, 60, size=(n, 32, 32, 3))
+        images = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
+        return np.clip(images + noise, 0, 255).astype(np.uint8), labels.astype(np.int32)
+
+    return draw(train_size, 1), draw(test_size, 2)
+
+
+def load(cfg: Config, fetch=None) -> Splits:
+    if cfg.data.source == "synthetic":
+        (x, y), (x_test, y_test) = synthetic(cfg.data.synthetic.train_size, cfg.data.synthetic.test_size)
+    else:
+        cache = Path(cfg.data.cache_dir).expanduser()
+        (x, y), (x_test, y_test) = cifar10.load_cifar10(cfg.data.uri, cache, fetch=fetch)
+    digest = hashlib.sha256()
+    for array in (x, y, x_test, y_test):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    n_val = cfg.data.validation_size
+    order = np.random.default_rng([cfg.seed, 0x5A11]).permutation(len(x))
+    train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    return Splits(x[train], y[train], x[val], y[val], x_test, y_test, "sha256:" + digest.hexdigest())
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def augment_params(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop offsets and flips for every example of an epoch, indexed by example."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    return rng.integers(0, 2 * PAD + 1, size=(n, 2)).astype(np.int32), rng.random(n) < 0.5
+
+
+def crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
+    """Pad-and-crop plus horizontal flip of a batch, as two gathers."""
+    size = tf.shape(images)[1]
+    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
+    rows = offsets[:, :1] + tf.range(size)[None, :]
+    cols = offsets[:, 1:] + tf.range(size)[None, :]
+    cols = tf.where(flips[:, None], tf.reverse(cols, axis=[1]), cols)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+class TrainStream:
+    """The training batches of one run: epoch e, from step s on."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, augment: bool):
+        self.images = tf.constant(images)
+        self.labels = tf.constant(labels)
+        self.n = len(images)
+        self.seed, self.batch_size, self.augment = seed, batch_size, augment
+        # Dropping the ragged last batch keeps one traced step shape and a
+        # fixed number of steps per epoch, which resume arithmetic relies on.
+        self.steps_per_epoch = self.n // batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size: {batch_size} is larger than the {self.n} training examples")
+
+    def epoch(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
+        order = epoch_order(self.seed, epoch, self.n)[start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
+        images, labels = self.images, self.labels
+        if self.augment:
+            offsets, flips = augment_params(self.seed, epoch, self.n)
+            ds = tf.data.Dataset.from_tensor_slices((order, offsets[order], flips[order]))
+            ds = ds.batch(self.batch_size, drop_remainder=True)
+            ds = ds.map(lambda i, o, f: (crop_and_flip(tf.gather(images, i), o, f), tf.gather(labels, i)))
+        else:
+            ds = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size, drop_remainder=True)
+            ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,87 @@
+"""The trainer: compiled steps and the running sums they keep.
+
+The step is tape -> loss -> gradients -> update -> metrics and nothing else;
+when to log, evaluate or checkpoint is the controller's business (train.py).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+class Trainer(tf.Module):
+    def __init__(self, model: keras.Model, optimizer, global_batch_size: int, label_smoothing: float = 0.0,
+                 jit_compile: bool = False):
+        super().__init__(name="trainer")
+        self.model = model
+        self.optimizer = optimizer
+        self.global_batch_size = global_batch_size
+        self.label_smoothing = label_smoothing
+        self.mixed = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        # Sums rather than Keras metric objects: plain variables go into the
+        # checkpoint, so an epoch resumed half-way reports the same averages.
+        self.loss_sum = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self.correct = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self.seen = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        self.optimizer.build(model.trainable_variables)
+        self._step = tf.function(self._train_step, jit_compile=jit_compile)
+        self.train_loop = tf.function(self._train_loop)
+        self.evaluate_batch = tf.function(self._eval_step, jit_compile=jit_compile)
+
+    def _per_example_loss(self, labels, logits, smoothing: float):
+        targets = tf.one_hot(labels, tf.shape(logits)[-1])
+        if smoothing:
+            targets = targets * (1 - smoothing) + smoothing / tf.cast(tf.shape(logits)[-1], tf.float32)
+        # log_softmax rather than softmax_cross_entropy_with_logits, which has
+        # no deterministic GPU kernel.
+        return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1)
+
+    def _train_step(self, images, labels):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            per_example = self._per_example_loss(labels, logits, self.label_smoothing)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+            scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        self.loss_sum.assign_add(tf.reduce_sum(per_example))
+        self.correct.assign_add(self._count_correct(labels, logits))
+        self.seen.assign_add(tf.cast(tf.shape(labels)[0], tf.float32))
+        return loss
+
+    def _train_loop(self, iterator, steps):
+        """`steps` steps in one compiled call (Orbit's steps_per_loop)."""
+        loss = tf.constant(0.0)
+        for _ in tf.range(steps):
+            loss = self._step(*next(iterator))
+        return loss
+
+    def _eval_step(self, images, labels):
+        logits = self.model(images, training=False)
+        per_example = self._per_example_loss(labels, logits, 0.0)
+        return tf.reduce_sum(per_example), self._count_correct(labels, logits)
+
+    @staticmethod
+    def _count_correct(labels, logits):
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
+        return tf.reduce_sum(tf.cast(hits, tf.float32))
+
+    def reset_sums(self) -> None:
+        for v in (self.loss_sum, self.correct, self.seen):
+            v.assign(0.0)
+
+    def train_averages(self) -> tuple[float, float]:
+        seen = max(float(self.seen.numpy()), 1.0)
+        return float(self.loss_sum.numpy()) / seen, float(self.correct.numpy()) / seen
+
+    def evaluate(self, dataset) -> tuple[float, float, int]:
+        """(mean loss, accuracy, examples) over a finite dataset."""
+        total, correct, n = 0.0, 0.0, 0
+        for images, labels in dataset:
+            loss_sum, hits = self.evaluate_batch(images, labels)
+            total += float(loss_sum)
+            correct += float(hits)
+            n += int(labels.shape[0])
+        return total / max(n, 1), correct / max(n, 1), n

@@ -1,0 +1,270 @@
+"""The controller: owns the cadence of a run around the trainer's compiled
+steps — progress, evaluation, early stopping, checkpoints, SIGTERM, export.
+
+A run is a function of its config: stopped anywhere and restarted, it
+carries on from the last committed checkpoint and, with
+`train.deterministic`, ends exactly where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job import data, export, model, optim, storage
+from job.checkpoints import CheckpointStore
+from job.config import Config
+from job.errors import ConfigError, DivergedError, Preempted
+from job.history import History
+from job.loop import Trainer
+from job.report import Console
+
+
+class Progress(tf.Module):
+    """Everything besides weights and optimizer slots that a resume needs."""
+
+    def __init__(self):
+        super().__init__(name="progress")
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.best = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
+        self.since_best = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.plateau_best = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
+        self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.stopped_early = tf.Variable(False, trainable=False)
+
+
+@dataclass
+class Result:
+    step: int
+    test_accuracy: float
+    test_loss: float
+    version: int | None
+    model_uri: str | None
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between compiled calls."""
+
+    def __init__(self):
+        self.raised = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _improved(value: float, best: float, monitor: str, min_delta: float = 0.0) -> bool:
+    if math.isnan(best):
+        return True
+    return value < best - min_delta if monitor == "val_loss" else value > best + min_delta
+
+
+def configure_determinism(cfg: Config) -> None:
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def run(cfg: Config, console: Console) -> Result:
+    configure_determinism(cfg)
+    store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep)
+    latest = None if cfg.checkpoint.resume == "never" else store.latest()
+    if cfg.checkpoint.resume == "required" and latest is None:
+        raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
+    if latest is not None:
+        _check_fingerprint(cfg, latest)
+    if latest and latest.get("finished") and _reached_stop(cfg, latest):
+        ex = latest["export"]
+        console.info(f"run already finished at step {latest['step']}; model version {ex['version']} "
+                     f"at {ex['uri']}; nothing to do")
+        return Result(latest["step"], ex.get("test_accuracy", math.nan), ex.get("test_loss", math.nan),
+                      ex["version"], ex["uri"])
+
+    splits = data.load(cfg)
+    console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
+                 f"examples ({cfg.data.source}, {splits.checksum[:19]})")
+    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment)
+    spe = stream.steps_per_epoch
+    net = model.build(cfg.model.name, cfg.train.mixed_precision)
+    schedule = optim.Schedule(cfg.train, spe)
+    optimizer = optim.build_optimizer(cfg.train, schedule)
+    trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
+    progress = Progress()
+    checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
+                                     lr_scale=schedule.scale)
+    history = History(cfg.checkpoint.uri)
+    store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
+
+    if latest is not None:
+        store.restore(checkpoint, latest["step"])
+        history.resume(latest["step"])
+        console.info(f"resumed from step {latest['step']}")
+    record = {**(latest or {}), "fingerprint": cfg.fingerprint()}
+
+    target = _target_step(cfg, spe)
+    val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
+    es, sched_cfg = cfg.train.early_stopping, cfg.train.lr_schedule
+
+    def commit(**fields) -> None:
+        nonlocal record
+        record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
+                            stopped_early=bool(progress.stopped_early.numpy()), **fields)
+
+    traced = False
+    with _SigtermFlag() as sigterm:
+        while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
+            epoch = int(progress.epochs_done.numpy())
+            in_epoch = int(progress.step.numpy()) - epoch * spe
+            if in_epoch == 0:
+                trainer.reset_sums()
+            iterator = iter(stream.epoch(epoch, in_epoch))
+            epoch_images, epoch_seconds = 0, 0.0
+            while in_epoch < spe and int(progress.step.numpy()) < target:
+                step = int(progress.step.numpy())
+                # Chunks end on checkpoint boundaries so checkpoints land on
+                # the same steps however steps_per_loop is set.
+                n = min(cfg.train.steps_per_loop, spe - in_epoch, target - step,
+                        cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
+                started = time.perf_counter()
+                loss = float(trainer.train_loop(iterator, tf.constant(n)))
+                if traced:
+                    epoch_seconds += time.perf_counter() - started
+                    epoch_images += n * cfg.train.batch_size
+                else:
+                    # The first call traces and compiles; timing it would
+                    # report the compiler's speed, not training's.
+                    traced = True
+                    console.info(f"compiled the training step in {time.perf_counter() - started:.1f}s")
+                if not math.isfinite(loss):
+                    raise DivergedError(
+                        f"loss became {loss} at step {step + n}; stopping without checkpointing it "
+                        f"(last committed checkpoint: step {record.get('step', 'none')}). "
+                        f"Try a lower train.learning_rate.")
+                progress.step.assign_add(n)
+                in_epoch += n
+                step += n
+                if step % cfg.train.log_every_steps < n or in_epoch == spe:
+                    tl, ta = trainer.train_averages()
+                    console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=in_epoch,
+                                     steps_per_epoch=spe, step=step, loss=tl, accuracy=ta,
+                                     images_per_second=epoch_images / max(epoch_seconds, 1e-9))
+                    history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
+                                             "train/learning_rate": float(schedule(optimizer.iterations))})
+                if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
+                    commit()
+                if sigterm.raised:
+                    commit()
+                    raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
+            if in_epoch < spe:
+                break  # max_steps reached inside the epoch
+            tl, ta = trainer.train_averages()
+            vl, va = trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
+            fields = {}
+            if val_ds is not None:
+                fields.update(_after_validation(cfg, progress, schedule, vl, va, step, console))
+            progress.epochs_done.assign(epoch + 1)
+            commit(**fields)
+            entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
+                     "val_accuracy": va, "seconds": round(epoch_seconds, 3),
+                     "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
+                     "learning_rate": float(schedule(optimizer.iterations))}
+            history.add_epoch(entry)
+            console.epoch_end(entry)
+            if sigterm.raised:
+                raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
+
+    step = int(progress.step.numpy())
+    if int(record.get("step", -1)) != step:
+        commit()
+    if bool(progress.stopped_early.numpy()) and es.restore_best and record.get("best"):
+        best = record["best"]["step"]
+        console.info(f"early stopping: restoring the best weights, from step {best}")
+        store.restore(tf.train.Checkpoint(model=net), best)
+    test_loss, test_acc, n_test = trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
+    console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
+    card = {
+        "model": cfg.model.name,
+        "step": step,
+        "epochs_done": int(progress.epochs_done.numpy()),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "data_checksum": splits.checksum,
+        "class_names": list(data.CLASS_NAMES),
+        "config": cfg.model_dump(mode="json"),
+        "tensorflow": tf.__version__,
+    }
+    version, uri = export.export(net, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64])
+    console.info(f"exported model version {version} to {uri}")
+    store.update(record, finished=True, export={"version": version, "uri": uri, "test_accuracy": test_acc,
+                                                "test_loss": test_loss})
+    return Result(step, test_acc, test_loss, version, uri)
+
+
+def _after_validation(cfg: Config, progress: Progress, schedule: optim.Schedule, val_loss: float,
+                      val_acc: float, step: int, console: Console) -> dict:
+    """Early stopping and reduce-on-plateau bookkeeping; returns latest.json fields."""
+    fields = {}
+    es = cfg.train.early_stopping
+    monitor = es.monitor if es.enabled else "val_loss"
+    value = val_loss if monitor == "val_loss" else val_acc
+    if _improved(value, float(progress.best.numpy()), monitor, es.min_delta):
+        progress.best.assign(value)
+        progress.since_best.assign(0)
+        fields["best"] = {"step": step, "monitor": monitor, "value": value}
+    else:
+        progress.since_best.assign_add(1)
+        if es.enabled and int(progress.since_best.numpy()) >= es.patience:
+            console.info(f"early stopping: {monitor} has not improved for {es.patience} epochs")
+            progress.stopped_early.assign(True)
+    s = cfg.train.lr_schedule
+    if s.name == "reduce_on_plateau":
+        pv = val_loss if s.monitor == "val_loss" else val_acc
+        if _improved(pv, float(progress.plateau_best.numpy()), s.monitor):
+            progress.plateau_best.assign(pv)
+            progress.plateau_wait.assign(0)
+        else:
+            progress.plateau_wait.assign_add(1)
+            if int(progress.plateau_wait.numpy()) > s.patience:
+                floor = s.min_lr / cfg.train.learning_rate
+                schedule.scale.assign(max(float(schedule.scale.numpy()) * s.factor, floor))
+                progress.plateau_wait.assign(0)
+                console.info(f"reduce on plateau: learning rate now {cfg.train.learning_rate * float(schedule.scale.numpy()):.3g}")
+    return fields
+
+
+def _target_step(cfg: Config, steps_per_epoch: int) -> int:
+    target = steps_per_epoch * cfg.train.epochs
+    return target if cfg.train.max_steps is None else min(target, cfg.train.max_steps)
+
+
+def _reached_stop(cfg: Config, latest: dict) -> bool:
+    """Whether a finished run's checkpoint already meets this config's stop conditions,
+    which (unlike the fingerprint) may have changed since: a run stopped by
+    `train.max_steps` carries on when the limit is raised."""
+    return latest.get("stopped_early") or latest["step"] >= _target_step(cfg, latest["steps_per_epoch"])
+
+
+def _check_fingerprint(cfg: Config, latest: dict) -> None:
+    stored = latest.get("fingerprint", {})
+    current = cfg.fingerprint()
+    changed = [k for k in current if k in stored and stored[k] != current[k]]
+    if changed:
+        details = ", ".join(f"{k}: {stored[k]!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"the checkpoint at {cfg.checkpoint.uri} was made with a different config ({details}); "
+            f"its state would mean something else here. Use another checkpoint.uri, or "
+            f"checkpoint.resume=never to start over.")

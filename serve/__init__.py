@@ -1,0 +1,1 @@
+"""The prediction service: Flask under gunicorn in front of the exported SavedModel."""
