@@ -12,13 +12,15 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from job.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # `--set export.model_name=2024` reaches here as YAML's int 2024; the
+    # environment gives the string "2024". Both mean the same name.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class SyntheticData(Section):
@@ -144,6 +146,12 @@ class Config(BaseSettings):
             ]
             if on
         ]
+        if self.train.jit_compile and self.train.deterministic:
+            # Found when op determinism met XLA: "MaxPool gradient ops do not
+            # yet have a deterministic XLA implementation". Failing here costs
+            # no GPU time; failing at the first step would.
+            raise ValueError("train.jit_compile needs train.deterministic=false: XLA has no deterministic "
+                             "kernels for some of the gradients these models use")
         if needs_val and self.data.validation_size == 0:
             raise ValueError(f"data.validation_size is 0 but {needs_val[0]} needs a validation split")
         if self.data.source == "synthetic" and self.data.validation_size >= self.data.synthetic.train_size:
@@ -185,6 +193,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Keys whose value may be a name alone or a mapping with `name` and parameters.
+_NAMED = {"lr_schedule"}
+
+
 def _as_mapping(value: Any) -> dict:
     # A name given alone (`lr_schedule: cosine`) still takes parameters set
     # beside it from another source (`--set train.lr_schedule.warmup_epochs=1`).
@@ -197,6 +209,17 @@ def _deep_merge(base: dict, top: dict) -> dict:
         if isinstance(value, dict) and key in out:
             below = out[key] if isinstance(out[key], dict) else _as_mapping(out[key])
             out[key] = _deep_merge(below, value)
+        elif (
+            key in _NAMED
+            and isinstance(value, str)
+            and isinstance(out.get(key), dict)
+            and out[key].get("name", value) == value
+        ):
+            # `--set train.lr_schedule=cosine` names the schedule whose
+            # parameters a lower source set (`warmup_epochs: 1`, with or
+            # without the same name): keep them. Naming a different schedule
+            # replaces the lower one whole.
+            out[key] = {**out[key], "name": value}
         else:
             out[key] = value
     return out
@@ -219,6 +242,8 @@ def read_yaml(path: str | Path) -> dict:
         loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if loaded is None:
@@ -256,7 +281,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _environment() -> dict:
     """`CIFAR_TRAIN__EPOCHS=3` as `{"train": {"epochs": "3"}}`, via pydantic-settings' own parser."""
-    return EnvSettingsSource(Config, case_sensitive=False)()
+    try:
+        return EnvSettingsSource(Config, case_sensitive=False)()
+    except SettingsError as exc:
+        # A section given as JSON (`CIFAR_TRAIN='{...}'`) that does not parse.
+        raise ConfigError(f"invalid environment override (CIFAR_*): {exc}") from None
 
 
 def from_json(text: str) -> Config:

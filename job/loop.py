@@ -27,7 +27,7 @@ class Trainer(tf.Module):
         self.optimizer.build(model.trainable_variables)
         self._step = tf.function(self._train_step, jit_compile=jit_compile)
         self.train_loop = tf.function(self._train_loop)
-        self.evaluate_batch = tf.function(self._eval_step, jit_compile=jit_compile)
+        self.evaluate_batch = tf.function(self._eval_step, jit_compile=jit_compile, reduce_retracing=True)
 
     def _per_example_loss(self, labels, logits, smoothing: float):
         targets = tf.one_hot(labels, tf.shape(logits)[-1])

@@ -124,7 +124,7 @@ def run(cfg: Config, console: Console) -> Result:
         record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
                             stopped_early=bool(progress.stopped_early.numpy()), **fields)
 
-    traced = False
+    first_call = None
     with _SigtermFlag() as sigterm:
         while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
             epoch = int(progress.epochs_done.numpy())
@@ -141,14 +141,16 @@ def run(cfg: Config, console: Console) -> Result:
                         cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
                 started = time.perf_counter()
                 loss = float(trainer.train_loop(iterator, tf.constant(n)))
-                if traced:
-                    epoch_seconds += time.perf_counter() - started
-                    epoch_images += n * cfg.train.batch_size
+                elapsed = time.perf_counter() - started
+                if first_call is None:
+                    # The first call traces and compiles; counting it would
+                    # report the compiler's speed rather than training's,
+                    # unless it is all an epoch has.
+                    first_call = (n * cfg.train.batch_size, elapsed)
+                    console.info(f"compiled the training step in {elapsed:.1f}s")
                 else:
-                    # The first call traces and compiles; timing it would
-                    # report the compiler's speed, not training's.
-                    traced = True
-                    console.info(f"compiled the training step in {time.perf_counter() - started:.1f}s")
+                    epoch_images += n * cfg.train.batch_size
+                    epoch_seconds += elapsed
                 if not math.isfinite(loss):
                     raise DivergedError(
                         f"loss became {loss} at step {step + n}; stopping without checkpointing it "
@@ -171,6 +173,8 @@ def run(cfg: Config, console: Console) -> Result:
                     raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
             if in_epoch < spe:
                 break  # max_steps reached inside the epoch
+            if epoch_images == 0 and first_call is not None:
+                epoch_images, epoch_seconds = first_call
             tl, ta = trainer.train_averages()
             vl, va = trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
             fields = {}

@@ -1,0 +1,177 @@
+"""Training throughput: the job's loop against the seeds' loop and Keras fit.
+
+Every loop trains the same network (simple_cnn) on the same synthetic images,
+batch 64, augmentation off, Adam at 1e-3, in this one process, so the only
+thing that differs between rows is the loop itself. Usage:
+
+    .venv/bin/python bench/train_bench.py [--quick] [--repeats R] [--steps-per-loop N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TensorFlow import
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, too
+
+import keras
+import tensorflow as tf
+
+from job import config, data, model, optim, report, train
+from job.loop import Trainer
+
+BATCH = 64
+LR = 1e-3
+VALIDATION = 1_000  # the job needs a validation split (its epoch report prints val_loss)
+
+
+def job_config(train_size: int, *extra: str) -> config.Config:
+    # train_size + VALIDATION synthetic examples leave exactly `train_size` to train on.
+    return config.load_config(None, [f"data.synthetic.train_size={train_size + VALIDATION}",
+                                     f"data.validation_size={VALIDATION}", "data.synthetic.test_size=500",
+                                     "data.augment=false", "model.name=simple_cnn", "train.optimizer=adam",
+                                     f"train.learning_rate={LR}", f"train.batch_size={BATCH}", *extra])
+
+
+# Each loop is built once (fresh model and optimizer) and returns a function
+# that trains one epoch and says how many images it trained on.
+
+def job_loop(splits: data.Splits, cfg: config.Config, steps_per_loop: int):
+    """job/train.py's inner loop without its bookkeeping: chunks of steps_per_loop steps per compiled call."""
+    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, BATCH, augment=False)
+    spe = stream.steps_per_epoch
+    optimizer = optim.build_optimizer(cfg.train, optim.Schedule(cfg.train, spe))
+    trainer = Trainer(model.build("simple_cnn"), optimizer, BATCH)
+
+    def epoch(e: int) -> int:
+        trainer.reset_sums()
+        iterator = iter(stream.epoch(e))
+        done = 0
+        while done < spe:
+            n = min(steps_per_loop, spe - done)
+            float(trainer.train_loop(iterator, tf.constant(n)))  # train.py reads the loss back every call
+            done += n
+        return done * BATCH
+
+    return epoch
+
+
+def seeds_loop(splits: data.Splits):
+    """The textbook custom loop the project started from: numpy slices into a @tf.function step."""
+    x, y = splits.x_train, splits.y_train  # uint8, as the job feeds them: the model rescales itself
+    net = model.build("simple_cnn")
+    optimizer = keras.optimizers.Adam(LR)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    mean_loss, accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)
+            loss = loss_fn(labels, logits)
+        grads = tape.gradient(loss, net.trainable_variables)
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        mean_loss.update_state(loss)
+        accuracy.update_state(labels, logits)
+
+    def epoch(e: int) -> int:
+        mean_loss.reset_state()
+        accuracy.reset_state()
+        steps = len(x) // BATCH  # the ragged tail dropped, like the job, so both do the same steps
+        for i in range(steps):
+            step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+        float(mean_loss.result())  # the epoch is over only when its last step has run
+        return steps * BATCH
+
+    return epoch
+
+
+def fit_loop(splits: data.Splits):
+    net = model.build("simple_cnn")
+    net.compile(keras.optimizers.Adam(LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+
+    def epoch(e: int) -> int:
+        net.fit(splits.x_train, splits.y_train, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+        return len(splits.x_train)  # fit also trains the ragged last batch
+
+    return epoch
+
+
+def cli_run(train_size: int, epochs: int, steps_per_loop: int) -> list[float]:
+    """`cifar-job train` in-process; images/s per epoch as its metrics.jsonl records them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = job_config(train_size, f"train.epochs={epochs}", f"train.steps_per_loop={steps_per_loop}",
+                         f"checkpoint.uri={tmp}/checkpoints", f"export.uri={tmp}/export", "checkpoint.resume=never")
+        train.run(cfg, report.Console("text", stream=io.StringIO()))
+        lines = Path(cfg.checkpoint.uri, "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["images_per_second"] for line in lines if line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 examples, 1 repeat: a smoke test, not a measurement")
+    ap.add_argument("--repeats", type=int, help="timed epochs per loop (default 3, --quick 1)")
+    ap.add_argument("--train-size", type=int, help="training examples (default 10,000, --quick 2,000)")
+    ap.add_argument("--steps-per-loop", type=int, default=1, help="the job's train.steps_per_loop (default 1)")
+    ap.add_argument("--out", help="also write the results here as JSON")
+    args = ap.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    size = args.train_size or (2_000 if args.quick else 10_000)
+
+    keras.utils.set_random_seed(0)
+    splits = data.load(job_config(size))
+    spl = args.steps_per_loop
+    loops = {f"job (steps_per_loop={spl})": job_loop(splits, job_config(size), spl)}
+    if spl != 10:
+        loops["job (steps_per_loop=10)"] = job_loop(splits, job_config(size), 10)
+    loops["seeds"] = seeds_loop(splits)
+    loops["keras fit"] = fit_loop(splits)
+
+    # One untimed epoch each: the first call traces and compiles.
+    for name, epoch in loops.items():
+        epoch(0)
+    # Interleaved (A B C A B C ...) so that whatever else the machine does
+    # lands on every loop alike rather than on whichever ran during it.
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(1, repeats + 1):
+        for name, epoch in loops.items():
+            started = time.perf_counter()
+            images = epoch(r)
+            rates[name].append(images / (time.perf_counter() - started))
+
+    # Last, because train.run enables op determinism (train.deterministic)
+    # process-wide, which would otherwise apply to the loops above as well.
+    # Its first epoch is its warm-up; the last one is what is reported.
+    cli = cli_run(size, repeats + 1, spl)
+    rates[f"job CLI end-to-end (metrics.jsonl, steps_per_loop={spl})"] = [cli[-1]]
+
+    seeds = statistics.median(rates["seeds"])
+    rows = [{"loop": name, "images_per_second": statistics.median(v), "runs": [round(x, 1) for x in v],
+             "vs_seeds": statistics.median(v) / seeds} for name, v in rates.items()]
+    print(f"simple_cnn, batch {BATCH}, {size:,} synthetic training images, augmentation off, Adam {LR:g}; "
+          f"median of {repeats} timed epoch(s) after one untimed warm-up epoch\n")
+    print("| loop | images/s (median) | per repeat | vs seeds |")
+    print("|---|---:|---|---:|")
+    for row in rows:
+        runs = ", ".join(f"{x:,.0f}" for x in row["runs"])
+        print(f"| {row['loop']} | {row['images_per_second']:,.0f} | {runs} | {row['vs_seeds']:.2f}x |")
+    if args.out:
+        settings = {"model": "simple_cnn", "batch_size": BATCH, "train_size": size, "repeats": repeats,
+                    "augment": False, "optimizer": f"adam {LR:g}", "tensorflow": tf.__version__,
+                    "cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU"))}
+        Path(args.out).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

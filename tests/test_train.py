@@ -1,0 +1,156 @@
+"""The training loop, checkpoints and resume, run in-process on small synthetic data."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import small_overrides
+from job import checkpoints
+from job.errors import ConfigError, DivergedError
+
+PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+
+
+def outputs(model_uri: str) -> np.ndarray:
+    serve = tf.saved_model.load(model_uri).signatures["serving_default"]
+    return serve(images=tf.constant(PROBE))["probabilities"].numpy()
+
+
+def latest(tmp_path) -> dict:
+    return json.loads((tmp_path / "ckpt" / "latest.json").read_text())
+
+
+def metrics(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stop_at", [17, 31], ids=["mid-epoch", "epoch-end"])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, run_job, stop_at):
+    # Augmentation, several steps per compiled call and a checkpoint cadence
+    # that does not divide the epoch: the resume must still line up exactly.
+    common = {"data.augment": "true", "train.steps_per_loop": 3, "checkpoint.every_steps": 7,
+              "train.lr_schedule": "cosine", "train.lr_schedule.warmup_epochs": 0.5}
+    whole, _ = run_job(small_overrides(tmp_path / "whole", **common))
+
+    split = tmp_path / "split"
+    first, _ = run_job(small_overrides(split, **common, **{"train.max_steps": stop_at}))
+    assert first.step == stop_at
+    second, log = run_job(small_overrides(split, **common))
+    assert f"resumed from step {stop_at}" in log
+    assert second.step == whole.step == 62
+    np.testing.assert_array_equal(outputs(second.model_uri), outputs(whole.model_uri))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+    assert strip(metrics(split)) == strip(metrics(tmp_path / "whole"))
+
+
+def test_run_leaves_contract_files(tmp_path, run_job):
+    result, log = run_job(small_overrides(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    record = latest(tmp_path)
+    assert record["step"] == result.step == 2 * (1000 // 32)
+    assert record["finished"] is True and record["export"]["version"] == 1
+    assert (ckpt / record["checkpoint"]).is_dir()
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second"):
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), key
+        assert row["images_per_second"] > 0
+    assert (ckpt / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "train.epochs" not in (ckpt / "config.yaml").read_text() and "epochs: 2" in (ckpt / "config.yaml").read_text()
+    assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "export" / "cifar10" / "1" / "saved_model.pb").is_file()
+    assert "test: accuracy" in log
+
+
+def test_rerunning_a_finished_run_does_nothing(tmp_path, run_job):
+    first, _ = run_job(small_overrides(tmp_path, **{"train.epochs": 1}))
+    again, log = run_job(small_overrides(tmp_path, **{"train.epochs": 1}))
+    assert "nothing to do" in log and "resumed" not in log
+    assert again.version == first.version == 1
+    assert sorted(p.name for p in (tmp_path / "export" / "cifar10").iterdir()) == ["1"]
+
+
+def test_raising_max_steps_carries_on(tmp_path, run_job):
+    run_job(small_overrides(tmp_path, **{"train.max_steps": 5}))
+    result, log = run_job(small_overrides(tmp_path, **{"train.max_steps": 12}))
+    assert "resumed from step 5" in log and result.step == 12 and result.version == 2
+
+
+def test_resume_with_a_changed_model_is_refused(tmp_path, run_job):
+    run_job(small_overrides(tmp_path, **{"train.max_steps": 3}))
+    with pytest.raises(ConfigError, match=r"model\.name.*simple_cnn.*resnet"):
+        run_job(small_overrides(tmp_path, **{"model.name": "resnet"}))
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        run_job(small_overrides(tmp_path, **{"train.batch_size": 16}))
+
+
+def test_resume_policies(tmp_path, run_job):
+    with pytest.raises(ConfigError, match="required"):
+        run_job(small_overrides(tmp_path, **{"checkpoint.resume": "required"}))
+    run_job(small_overrides(tmp_path, **{"train.max_steps": 4}))
+    result, log = run_job(small_overrides(tmp_path, **{"train.max_steps": 4, "checkpoint.resume": "never"}))
+    assert "resumed" not in log and result.step == 4
+
+
+def test_retention_keeps_the_newest_and_the_best_and_drops_debris(tmp_path, run_job):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / ".staging-crashed").mkdir(parents=True)
+    (ckpt / "ckpt-9999").mkdir()  # published by a run that crashed before naming it
+    run_job(small_overrides(tmp_path, **{"checkpoint.keep": 2, "train.epochs": 3}))
+    record = latest(tmp_path)
+    names = sorted(p.name for p in ckpt.iterdir() if p.name.startswith(("ckpt-", ".staging")))
+    expected = {f"ckpt-{s}" for s in record["kept"]} | {f"ckpt-{record['best']['step']}"}
+    assert set(names) == expected and len(record["kept"]) == 2
+
+
+def test_nan_loss_stops_without_checkpointing_garbage(tmp_path, run_job):
+    with pytest.raises(DivergedError, match="loss became") as info:
+        run_job(small_overrides(tmp_path, **{"train.optimizer": "sgd", "train.learning_rate": 1e12}))
+    bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
+    record = checkpoints.CheckpointStore(str(tmp_path / "ckpt"), 3).latest()
+    assert record is None or record["step"] < bad_step
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path, run_job):
+    # A min_delta no epoch can meet: the first epoch is the best and
+    # patience epochs later the run stops.
+    result, log = run_job(small_overrides(tmp_path, **{
+        "train.epochs": 6, "train.early_stopping.enabled": "true", "train.early_stopping.patience": 2,
+        "train.early_stopping.min_delta": 100}))
+    assert "early stopping" in log
+    rows = metrics(tmp_path)
+    assert len(rows) == 3
+    record = latest(tmp_path)
+    assert record["best"]["step"] == rows[0]["step"] and record["stopped_early"]
+    # The exported weights are the best checkpoint's, not the last epoch's.
+    from job import model as models
+
+    best = models.build("simple_cnn")
+    tf.train.Checkpoint(model=best).read(str(tmp_path / "ckpt" / f"ckpt-{rows[0]['step']}" / "ckpt")).expect_partial()
+    expected = tf.nn.softmax(best(PROBE, training=False)).numpy()
+    np.testing.assert_allclose(outputs(result.model_uri), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [
+    {"model.name": "resnet"},
+    {"train.optimizer": "adamw", "train.weight_decay": 0.01, "train.lr_schedule": "one_cycle"},
+    {"train.optimizer": "sgd", "train.nesterov": "true", "train.label_smoothing": 0.1,
+     "train.lr_schedule": "exponential"},
+    {"train.mixed_precision": "true"},
+    {"train.jit_compile": "true", "train.deterministic": "false", "train.steps_per_loop": 4},
+    {"train.lr_schedule": "reduce_on_plateau", "data.validation_size": 100},
+], ids=["resnet", "adamw-onecycle", "sgd-nesterov-smoothing", "mixed-precision", "xla", "plateau"])
+def test_every_recipe_switch_trains(tmp_path, run_job, extra):
+    result, _ = run_job(small_overrides(tmp_path, **{"train.max_steps": 8, **extra}))
+    assert result.step == 8
+    probs = outputs(result.model_uri)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+
+
+def test_synthetic_data_is_learnable(tmp_path, run_job):
+    result, _ = run_job(small_overrides(tmp_path, **{"train.epochs": 3}))
+    assert result.test_accuracy >= 0.9
