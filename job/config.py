@@ -75,7 +75,7 @@ class ReduceOnPlateau(Section):
 
 
 _SCHEDULES = (Constant, Exponential, Cosine, OneCycle, ReduceOnPlateau)
-Schedule = Annotated[Union[_SCHEDULES], Field(discriminator="name")]
+Schedule = Annotated[Union[_SCHEDULES], Field(discriminator="name")]  # noqa: UP007
 _SCHEDULE_NAMES = {get_args(s.model_fields["name"].annotation)[0] for s in _SCHEDULES}
 
 
@@ -137,7 +137,7 @@ class Config(BaseSettings):
     export: Export = Export()
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "Config":
+    def _cross_field(self) -> Config:
         needs_val = [
             name
             for name, on in [

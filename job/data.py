@@ -53,7 +53,7 @@ def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.nda
         shifts = r.integers(-3, 4, size=(n, 2))
         distractors = r.uniform(0, 255, size=(n, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
         noise = r.normal(0, 40, size=(n, 32, 32, 3))
-        signal = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
+        signal = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts, strict=True)])
         images = 0.5 * signal + 0.5 * distractors + noise
         return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32)
 
@@ -111,7 +111,8 @@ class TrainStream:
             raise ConfigError(f"train.batch_size: {batch_size} is larger than the {self.n} training examples")
 
     def epoch(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        order = epoch_order(self.seed, epoch, self.n)[start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
+        b = self.batch_size
+        order = epoch_order(self.seed, epoch, self.n)[start_step * b : self.steps_per_epoch * b]
         images, labels = self.images, self.labels
         if self.augment:
             offsets, flips = augment_params(self.seed, epoch, self.n)

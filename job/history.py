@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 
 import tensorflow as tf
 
@@ -49,10 +48,10 @@ class History:
 
         epochs = [r["epoch"] for r in self.records]
         fig = Figure(figsize=(10, 4))
-        for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
             ax.plot(epochs, [r[metric] for r in self.records], "o-", label="train")
             val = [r[f"val_{metric}"] for r in self.records]
-            if not all(math.isnan(v) for v in val):
+            if all(v is not None for v in val):
                 ax.plot(epochs, val, "o-", label="validation")
             ax.set_xlabel("epoch")
             ax.set_title(metric)

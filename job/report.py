@@ -54,7 +54,10 @@ class Console:
         if self.json:
             self._emit(json.dumps({"time": round(time.time(), 3), "event": "epoch", **record}))
         else:
+            val = ""
+            if record["val_loss"] is not None:
+                val = f"  val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}"
             self._emit(
                 f"epoch {record['epoch']} done at step {record['step']}: loss {record['loss']:.4f} "
-                f"acc {record['accuracy']:.4f}  val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}  "
-                f"{record['images_per_second']:,.0f} img/s  lr {record['learning_rate']:.3g}")
+                f"acc {record['accuracy']:.4f}{val}  {record['images_per_second']:,.0f} img/s  "
+                f"lr {record['learning_rate']:.3g}")

@@ -9,13 +9,11 @@ carries on from the last committed checkpoint and, with
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from job import data, export, model, optim, storage
@@ -117,7 +115,7 @@ def run(cfg: Config, console: Console) -> Result:
 
     target = _target_step(cfg, spe)
     val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
-    es, sched_cfg = cfg.train.early_stopping, cfg.train.lr_schedule
+    es = cfg.train.early_stopping
 
     def commit(**fields) -> None:
         nonlocal record
@@ -246,7 +244,8 @@ def _after_validation(cfg: Config, progress: Progress, schedule: optim.Schedule,
                 floor = s.min_lr / cfg.train.learning_rate
                 schedule.scale.assign(max(float(schedule.scale.numpy()) * s.factor, floor))
                 progress.plateau_wait.assign(0)
-                console.info(f"reduce on plateau: learning rate now {cfg.train.learning_rate * float(schedule.scale.numpy()):.3g}")
+                lr = cfg.train.learning_rate * float(schedule.scale.numpy())
+                console.info(f"reduce on plateau: learning rate now {lr:.3g}")
     return fields
 
 

@@ -24,7 +24,8 @@ _, (images, truth) = synthetic(1, 1)
 probs = model.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()[0]
 png = io.BytesIO()
 Image.fromarray(images[0]).save(png, format="PNG")
-from_png = model.signatures["predict_image_bytes"](image_bytes=tf.constant([png.getvalue()]))["probabilities"].numpy()[0]
+by_bytes = model.signatures["predict_image_bytes"]
+from_png = by_bytes(image_bytes=tf.constant([png.getvalue()]))["probabilities"].numpy()[0]
 
 top = int(np.argmax(probs))
 print(json.dumps({"model": version_dir, "true_label": labels[truth[0]], "label": labels[top], "class_id": top,
