@@ -75,6 +75,12 @@ def configure_determinism(cfg: Config) -> None:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:
+        # Determinism is process-wide and TF has no public switch back; a
+        # notebook or test that runs several jobs in one process needs it.
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
 
 
 def run(cfg: Config, console: Console) -> Result:
