@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from job import cifar10
+from job import cifar10, storage
 from job.config import Config
 from job.errors import ConfigError
 
@@ -60,11 +60,12 @@ def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.nda
     return draw(train_size, 1), draw(test_size, 2)
 
 
-def load(cfg: Config, fetch=None) -> Splits:
+def load(cfg: Config) -> Splits:
     if cfg.data.source == "synthetic":
         (x, y), (x_test, y_test) = synthetic(cfg.data.synthetic.train_size, cfg.data.synthetic.test_size)
     else:
         cache = Path(cfg.data.cache_dir).expanduser()
+        fetch = lambda uri, dest: storage.backend(uri).fetch(uri, dest)
         (x, y), (x_test, y_test) = cifar10.load_cifar10(cfg.data.uri, cache, fetch=fetch)
     digest = hashlib.sha256()
     for array in (x, y, x_test, y_test):

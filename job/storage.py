@@ -100,8 +100,141 @@ class LocalStorage:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def backend(uri: str) -> LocalStorage:
+class S3Storage:
+    """S3 and anything that speaks it (MinIO), configured only by boto3's own
+    settings: `AWS_ENDPOINT_URL_S3`, the credential chain, the region.
+
+    S3 has no directory rename, so a directory counts as published once its
+    `_COMPLETE` marker, written after every other object, exists.
+    """
+
+    MARKER = "_COMPLETE"
+
+    def __init__(self):
+        import boto3
+        from botocore.config import Config
+
+        custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.client = boto3.client("s3", config=Config(
+            # boto3's standard retry mode: bounded, with backoff, on throttling and connection errors.
+            retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
+            # MinIO and other self-hosted endpoints rarely have per-bucket DNS names.
+            s3={"addressing_style": "path" if custom_endpoint else "auto"},
+            connect_timeout=5, read_timeout=30,
+        ))
+        self.endpoint = self.client.meta.endpoint_url
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return bucket, key.strip("/")
+
+    def _call(self, uri: str, what: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {code}") from None
+        except BotoCoreError as exc:
+            # botocore's messages name the endpoint, never the credentials.
+            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {exc}") from None
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        bucket, key = self.split(uri)
+        return self._call(uri, "read", self._get, bucket, key)
+
+    def _get(self, bucket: str, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self.split(uri)
+        # A PUT is atomic: readers see the old object or the new one.
+        self._call(uri, "write", self.client.put_object, Bucket=bucket, Key=key, Body=data,
+                   ChecksumAlgorithm="SHA256")
+
+    def staging(self, uri: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix="cifar-staging-"))
+
+    def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
+        bucket, key = self.split(uri)
+        marker = f"{key}/{self.MARKER}"
+        if self.read_bytes(f"s3://{bucket}/{marker}") is not None:
+            if not replace:
+                raise FileExistsError(uri)
+            self.delete(uri)
+        for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+            rel = path.relative_to(staged).as_posix()
+            # upload_file is boto3's transfer manager: multipart and parallel for large files.
+            self._call(uri, "upload to", self.client.upload_file, str(path), bucket, f"{key}/{rel}",
+                       ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+        self._call(uri, "publish", self.client.put_object, Bucket=bucket, Key=marker, Body=b"")
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def _keys(self, uri: str) -> list[str]:
+        bucket, key = self.split(uri)
+        prefix = f"{key}/" if key else ""
+        pages = self._call(uri, "list", lambda: list(
+            self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)))
+        return [obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])]
+
+    def published(self, uri: str) -> list[str]:
+        return sorted(k.split("/")[0] for k in self._keys(uri) if k.count("/") == 1 and k.endswith("/" + self.MARKER))
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self.split(uri)
+        keys = [f"{key}/{k}" for k in self._keys(uri)]
+        # The marker goes first, so a half-deleted directory no longer counts.
+        keys.sort(key=lambda k: not k.endswith("/" + self.MARKER))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call(uri, "delete", self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+
+    def local_copy(self, uri: str, cache: Path | None = None) -> Path:
+        bucket, key = self.split(uri)
+        keys = self._keys(uri)
+        if not keys:
+            raise StorageError(f"{uri} does not exist at {self.endpoint}")
+        dest = Path(tempfile.mkdtemp(prefix="cifar-download-"))
+        for rel in keys:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target))
+        return dest
+
+    def fetch(self, uri: str, dest: Path) -> None:
+        bucket, key = self.split(uri)
+        self._call(uri, "download", self.client.download_file, bucket, key, str(dest))
+
+    def working_dir(self, uri: str) -> Path:
+        path = Path(tempfile.gettempdir()) / "cifar-mirror" / uri.replace("://", "/")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def sync(self, uri: str) -> None:
+        bucket, key = self.split(uri)
+        local = self.working_dir(uri)
+        for path in local.rglob("*"):
+            if path.is_file():
+                self._call(uri, "upload to", self.client.upload_file, str(path), bucket,
+                           f"{key}/{path.relative_to(local).as_posix()}")
+
+    def clean_staging(self, uri: str) -> None:
+        """Staging is local and temporary; nothing is left in the bucket."""
+
+
+def backend(uri: str) -> LocalStorage | S3Storage:
+    if uri.startswith("s3://"):
+        return S3Storage()
     if is_remote(uri):
         scheme = uri.split("://", 1)[0]
-        raise StorageError(f"{uri}: the {scheme}:// scheme is not supported here; use a local path")
+        raise StorageError(f"{uri}: the {scheme}:// scheme is not supported; use a local path or s3://")
     return LocalStorage()
