@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TensorFlow import
 
 import argparse
+import gc
 import io
 import json
 import statistics
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 from job import config, data, model, optim, report, train
 from job.loop import Trainer
@@ -108,14 +110,21 @@ def fit_loop(splits: data.Splits):
     return epoch
 
 
-def cli_run(train_size: int, epochs: int, steps_per_loop: int) -> list[float]:
-    """`cifar-job train` in-process; images/s per epoch as its metrics.jsonl records them."""
+def cli_run(train_size: int, steps_per_loop: int) -> float:
+    """`cifar-job train` in-process for two epochs (the first is its warm-up);
+    the second epoch's images/s as its metrics.jsonl records it."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = job_config(train_size, f"train.epochs={epochs}", f"train.steps_per_loop={steps_per_loop}",
+        cfg = job_config(train_size, "train.epochs=2", f"train.steps_per_loop={steps_per_loop}",
                          f"checkpoint.uri={tmp}/checkpoints", f"export.uri={tmp}/export", "checkpoint.resume=never")
-        train.run(cfg, report.Console("text", stream=io.StringIO()))
+        try:
+            train.run(cfg, report.Console("text", stream=io.StringIO()))
+        finally:
+            # train.run turns on op determinism (train.deterministic) for the
+            # whole process; turn it off again so that the other loops run as
+            # they would on their own. (No public API for this.)
+            tf_config.disable_op_determinism()
         lines = Path(cfg.checkpoint.uri, "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["images_per_second"] for line in lines if line]
+        return json.loads(lines[-1])["images_per_second"]
 
 
 def main() -> None:
@@ -141,31 +150,40 @@ def main() -> None:
     # One untimed epoch each: the first call traces and compiles.
     for name, epoch in loops.items():
         epoch(0)
-    # Interleaved (A B C A B C ...) so that whatever else the machine does
-    # lands on every loop alike rather than on whichever ran during it.
-    rates: dict[str, list[float]] = {name: [] for name in loops}
+    cli_name = f"job CLI end-to-end (metrics.jsonl, steps_per_loop={spl})"
+    names = [*loops, cli_name]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in loops}
     for r in range(1, repeats + 1):
-        for name, epoch in loops.items():
-            started = time.perf_counter()
-            images = epoch(r)
-            rates[name].append(images / (time.perf_counter() - started))
-
-    # Last, because train.run enables op determinism (train.deterministic)
-    # process-wide, which would otherwise apply to the loops above as well.
-    # Its first epoch is its warm-up; the last one is what is reported.
-    cli = cli_run(size, repeats + 1, spl)
-    rates[f"job CLI end-to-end (metrics.jsonl, steps_per_loop={spl})"] = [cli[-1]]
+        # Interleaved, so whatever else the machine does lands on every loop
+        # alike, and rotated (A B C, B C A, ...) so no loop always follows
+        # the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()  # the previous loop's garbage is not this one's time
+            if name == cli_name:
+                # A fresh run per repeat, since one run() cannot be
+                # interleaved; it times itself (its compiled calls only).
+                rates[name].append(cli_run(size, spl))
+                continue
+            # CPU time (all threads) too: it hardly moves when other processes
+            # compete for the cores, where wall-clock rates can halve.
+            wall, busy = time.perf_counter(), time.process_time()
+            images = loops[name](r)
+            rates[name].append(images / (time.perf_counter() - wall))
+            cpu[name].append((time.process_time() - busy) / images * 1e6)
 
     seeds = statistics.median(rates["seeds"])
     rows = [{"loop": name, "images_per_second": statistics.median(v), "runs": [round(x, 1) for x in v],
+             "cpu_us_per_image": statistics.median(cpu[name]) if name in cpu else None,
              "vs_seeds": statistics.median(v) / seeds} for name, v in rates.items()]
     print(f"simple_cnn, batch {BATCH}, {size:,} synthetic training images, augmentation off, Adam {LR:g}; "
           f"median of {repeats} timed epoch(s) after one untimed warm-up epoch\n")
-    print("| loop | images/s (median) | per repeat | vs seeds |")
-    print("|---|---:|---|---:|")
+    print("| loop | images/s (median) | per repeat | CPU µs/image | vs seeds |")
+    print("|---|---:|---|---:|---:|")
     for row in rows:
         runs = ", ".join(f"{x:,.0f}" for x in row["runs"])
-        print(f"| {row['loop']} | {row['images_per_second']:,.0f} | {runs} | {row['vs_seeds']:.2f}x |")
+        busy = "—" if row["cpu_us_per_image"] is None else f"{row['cpu_us_per_image']:.0f}"
+        print(f"| {row['loop']} | {row['images_per_second']:,.0f} | {runs} | {busy} | {row['vs_seeds']:.2f}x |")
     if args.out:
         settings = {"model": "simple_cnn", "batch_size": BATCH, "train_size": size, "repeats": repeats,
                     "augment": False, "optimizer": f"adam {LR:g}", "tensorflow": tf.__version__,

@@ -34,7 +34,7 @@ except ImportError:  # numpy < 2 still calls the package numpy.core
     from numpy.core.multiarray import _reconstruct
     from numpy.core.numeric import _frombuffer
 
-from job.errors import DataError, JobError
+from job.errors import DataError
 
 CANONICAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CANONICAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -48,8 +48,12 @@ SUBFOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
-def load_cifar10(uri: str | None, cache_dir: pathlib.Path, fetch=None) -> tuple[Arrays, Arrays]:
-    """Returns ((x_train, y_train), (x_test, y_test)); x uint8 [N,32,32,3] (NHWC), y int32 [N]."""
+def load_cifar10(uri: str | None, cache_dir: pathlib.Path) -> tuple[Arrays, Arrays]:
+    """Returns ((x_train, y_train), (x_test, y_test)); x uint8 [N,32,32,3] (NHWC), y int32 [N].
+
+    `uri` is a local directory or archive, or an http(s) URL; object-store
+    URIs are brought to a local file by job.storage before they get here.
+    """
     cache_dir = pathlib.Path(cache_dir)
     if uri is None:
         # Read the globals at call time, so tests can point them at a local server.
@@ -57,9 +61,7 @@ def load_cifar10(uri: str | None, cache_dir: pathlib.Path, fetch=None) -> tuple[
     elif uri.startswith(("http://", "https://")):
         path = _download(uri, cache_dir)
     elif "://" in uri:
-        if fetch is None:
-            raise DataError(f"cannot load CIFAR-10 from {uri}: unsupported URI scheme")
-        path = _fetch(uri, cache_dir, fetch)
+        raise DataError(f"cannot load CIFAR-10 from {uri}: unsupported URI scheme")
     else:
         path = pathlib.Path(uri).expanduser()
 
@@ -105,24 +107,6 @@ def _download(url: str, cache_dir: pathlib.Path, expected_md5: str | None = None
             raise DataError(f"could not download {url}: {e}") from e
         if expected_md5 is not None and (got := _md5(tmp)) != expected_md5:
             raise DataError(f"checksum mismatch for {url}: expected MD5 {expected_md5}, got {got}")
-
-    return _into_cache(dest, get)
-
-
-def _fetch(uri: str, cache_dir: pathlib.Path, fetch) -> pathlib.Path:
-    dest = _cache_path(uri, cache_dir)
-    if dest.is_file():
-        return dest
-
-    def get(tmp: pathlib.Path) -> None:
-        try:
-            fetch(uri, tmp)
-        except JobError:
-            raise  # the fetcher already said what went wrong, with its own exit code
-        except Exception as e:
-            raise DataError(f"could not fetch {uri}: {e}") from e
-        if not tmp.is_file():
-            raise DataError(f"could not fetch {uri}: the fetcher wrote no file")
 
     return _into_cache(dest, get)
 

@@ -65,8 +65,10 @@ def load(cfg: Config) -> Splits:
         (x, y), (x_test, y_test) = synthetic(cfg.data.synthetic.train_size, cfg.data.synthetic.test_size)
     else:
         cache = Path(cfg.data.cache_dir).expanduser()
-        fetch = lambda uri, dest: storage.backend(uri).fetch(uri, dest)
-        (x, y), (x_test, y_test) = cifar10.load_cifar10(cfg.data.uri, cache, fetch=fetch)
+        uri = cfg.data.uri
+        if uri is not None and storage.is_object_store(uri):
+            uri = str(storage.backend(uri).cached_copy(uri, cache))
+        (x, y), (x_test, y_test) = cifar10.load_cifar10(uri, cache)
     digest = hashlib.sha256()
     for array in (x, y, x_test, y_test):
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -8,6 +8,8 @@ whole or not at all, which is what checkpoints and TF Serving versions need.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,10 +23,6 @@ _STAGING_PREFIX = ".staging-"
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri
 
 
 class LocalStorage:
@@ -86,7 +84,10 @@ class LocalStorage:
     def delete(self, uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
-    def local_copy(self, uri: str, cache: Path | None = None) -> Path:
+    def cached_copy(self, uri: str, cache_dir: Path) -> Path:
+        return Path(uri).expanduser()
+
+    def local_copy(self, uri: str) -> Path:
         """A local directory holding what is at `uri` (for local URIs, itself)."""
         if not Path(uri).exists():
             raise StorageError(f"{uri} does not exist")
@@ -105,7 +106,10 @@ class S3Storage:
     settings: `AWS_ENDPOINT_URL_S3`, the credential chain, the region.
 
     S3 has no directory rename, so a directory counts as published once its
-    `_COMPLETE` marker, written after every other object, exists.
+    `_COMPLETE` marker, written after every other object, exists. The marker
+    lists each object's SHA-256, checked again on download: S3's own checksums
+    guard the transfer, the manifest guards against an object replaced or
+    damaged after it was written.
     """
 
     MARKER = "_COMPLETE"
@@ -171,12 +175,15 @@ class S3Storage:
             if not replace:
                 raise FileExistsError(uri)
             self.delete(uri)
+        manifest = {}
         for path in sorted(p for p in staged.rglob("*") if p.is_file()):
             rel = path.relative_to(staged).as_posix()
+            manifest[rel] = _sha256(path)
             # upload_file is boto3's transfer manager: multipart and parallel for large files.
             self._call(uri, "upload to", self.client.upload_file, str(path), bucket, f"{key}/{rel}",
                        ExtraArgs={"ChecksumAlgorithm": "SHA256"})
-        self._call(uri, "publish", self.client.put_object, Bucket=bucket, Key=marker, Body=b"")
+        self._call(uri, "publish", self.client.put_object, Bucket=bucket, Key=marker,
+                   Body=json.dumps(manifest, indent=1).encode())
         shutil.rmtree(staged, ignore_errors=True)
 
     def _keys(self, uri: str) -> list[str]:
@@ -198,21 +205,40 @@ class S3Storage:
             batch = [{"Key": k} for k in keys[start:start + 1000]]
             self._call(uri, "delete", self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
 
-    def local_copy(self, uri: str, cache: Path | None = None) -> Path:
+    def local_copy(self, uri: str) -> Path:
+        """Download a published directory, checking every object against its manifest."""
         bucket, key = self.split(uri)
-        keys = self._keys(uri)
-        if not keys:
-            raise StorageError(f"{uri} does not exist at {self.endpoint}")
+        raw = self.read_bytes(f"{uri}/{self.MARKER}")
+        if raw is None:
+            raise StorageError(f"{uri} is not a complete published directory at {self.endpoint}")
         dest = Path(tempfile.mkdtemp(prefix="cifar-download-"))
-        for rel in keys:
+        for rel, digest in json.loads(raw).items():
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call(uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target))
+            if _sha256(target) != digest:
+                raise StorageError(f"{uri}/{rel} is corrupt: its SHA-256 differs from the one recorded "
+                                   f"when it was published")
         return dest
 
-    def fetch(self, uri: str, dest: Path) -> None:
+    def cached_copy(self, uri: str, cache_dir: Path) -> Path:
+        """A single object as a local file, cached under its ETag so a changed object is fetched again."""
         bucket, key = self.split(uri)
-        self._call(uri, "download", self.client.download_file, bucket, key, str(dest))
+        head = self._call(uri, "read", self.client.head_object, Bucket=bucket, Key=key)
+        etag = head["ETag"].strip('"')
+        dest = cache_dir / f"s3-{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{etag}-{Path(key).name}"
+        if dest.is_file() and dest.stat().st_size == head["ContentLength"]:
+            return dest
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        try:
+            self._call(uri, "download", self.client.download_file, bucket, key, str(tmp))
+            if tmp.stat().st_size != head["ContentLength"]:
+                raise StorageError(f"{uri}: downloaded {tmp.stat().st_size} bytes of {head['ContentLength']}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
     def working_dir(self, uri: str) -> Path:
         path = Path(tempfile.gettempdir()) / "cifar-mirror" / uri.replace("://", "/")
@@ -231,10 +257,31 @@ class S3Storage:
         """Staging is local and temporary; nothing is left in the bucket."""
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_s3_clients: dict[tuple, S3Storage] = {}
+
+
+def is_object_store(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
 def backend(uri: str) -> LocalStorage | S3Storage:
-    if uri.startswith("s3://"):
-        return S3Storage()
-    if is_remote(uri):
+    if is_object_store(uri):
+        # One client per set of boto3 settings: clients are thread-safe and
+        # slow to make, and the settings are read from the environment.
+        settings = tuple(os.environ.get(k) for k in (
+            "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"))
+        if settings not in _s3_clients:
+            _s3_clients[settings] = S3Storage()
+        return _s3_clients[settings]
+    if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"{uri}: the {scheme}:// scheme is not supported; use a local path or s3://")
     return LocalStorage()

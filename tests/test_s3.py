@@ -101,5 +101,5 @@ def test_missing_bucket_exits_4_naming_it(s3, tmp_path):
 
 
 def test_storage_errors_are_storage_errors(s3):
-    with pytest.raises(StorageError, match="does not exist"):
+    with pytest.raises(StorageError, match="not a complete published directory"):
         storage.backend(f"s3://{s3}").local_copy(f"s3://{s3}/nothing/here")
