@@ -1,28 +1,83 @@
-"""Checkpoints that a crash can never leave half-written.
+"""Checkpoints that a crash can never leave half-written, committed in the
+background so training goes on while they upload.
 
-A checkpoint is staged locally, published as `ckpt-<step>/` in one step, and
-only then named by `latest.json`. Whatever a killed run leaves behind is
-either complete and named, or ignored and cleaned up by the next commit.
+A checkpoint is written to a local staging directory (fast, and a consistent
+snapshot), then, on a background thread: published as `ckpt-<step>/` in one
+step, named by `latest.json`, and only then are older checkpoints deleted.
+Whatever a killed run leaves behind is either complete and named, or ignored
+and cleaned up by the next commit. An outage delays commits, which retry for
+`checkpoint.retry_seconds`; training does not wait for them.
+
 TensorFlow's CheckpointManager is not used: its state file and deletion
-assume one local filesystem and write the index before the data is safe
-in remote storage.
+assume one local filesystem and write the index before the data is safe in
+remote storage.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import tensorflow as tf
 
 from job import storage
+from job.errors import ConfigError, StorageError
+
+
+class Uploader:
+    """One background thread that runs storage writes in order, each retried
+    through outages until `retry_seconds` have passed."""
+
+    def __init__(self, retry_seconds: float):
+        self.retry_seconds = retry_seconds
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader")
+        self._futures: list[Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self.raise_failed()
+        self._futures.append(self._pool.submit(self._with_retries, fn, *args))
+
+    def _with_retries(self, fn, *args):
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return fn(*args)
+            except StorageError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def raise_failed(self) -> None:
+        for future in [f for f in self._futures if f.done()]:
+            self._futures.remove(future)
+            future.result()  # re-raises the StorageError of a commit that gave up
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for every write so far; False if `timeout` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for future in list(self._futures):
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                future.result(timeout=remaining)
+            except TimeoutError:
+                return False
+        self.raise_failed()
+        return True
 
 
 class CheckpointStore:
-    def __init__(self, uri: str, keep: int):
+    def __init__(self, uri: str, keep: int, uploader: Uploader):
         self.uri = uri
         self.keep = keep
         self.backend = storage.backend(uri)
+        self.uploader = uploader
 
     @property
     def latest_uri(self) -> str:
@@ -33,21 +88,29 @@ class CheckpointStore:
         return json.loads(raw) if raw else None
 
     def save(self, checkpoint: tf.train.Checkpoint, step: int, previous: dict | None, **fields) -> dict:
-        """Write, publish and commit the checkpoint of `step`; return the new latest.json."""
+        """Snapshot `step` now and commit it in the background; return the latest.json it will write."""
         staged = self.backend.staging(self.uri)
         checkpoint.write(str(staged / "ckpt"))
-        self.backend.publish(staged, storage.join(self.uri, f"ckpt-{step}"), replace=True)
         kept = [s for s in (previous or {}).get("kept", []) if s != step] + [step]
         record = {**(previous or {}), **fields, "step": step, "checkpoint": f"ckpt-{step}",
-                  "kept": kept[-self.keep:], "committed_at": time.time()}
-        self.backend.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
-        self._prune(record)
+                  "kept": kept[-self.keep:]}
+        self.uploader.submit(self._commit, staged, record)
         return record
+
+    def _commit(self, staged, record: dict) -> None:
+        target = storage.join(self.uri, record["checkpoint"])
+        if staged.exists():  # a retry after the publish itself succeeded has nothing left to move
+            self.backend.publish(staged, target, replace=True)
+        self._write_latest({**record, "committed_at": time.time()})
+        self._prune(record)
 
     def update(self, previous: dict, **fields) -> dict:
         record = {**previous, **fields}
-        self.backend.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
+        self.uploader.submit(self._write_latest, record)
         return record
+
+    def _write_latest(self, record: dict) -> None:
+        self.backend.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
 
     def restore(self, checkpoint: tf.train.Checkpoint, step: int) -> None:
         local = self.backend.local_copy(storage.join(self.uri, f"ckpt-{step}"))
@@ -62,3 +125,74 @@ class CheckpointStore:
             if name.startswith("ckpt-") and name not in wanted:
                 self.backend.delete(storage.join(self.uri, name))
         self.backend.clean_staging(self.uri)
+
+
+class Lease:
+    """Keeps two runs from writing one `checkpoint.uri`.
+
+    The holder rewrites `lease.json` every `seconds / 3`. A newcomer that
+    finds someone else's lease watches it for up to `seconds`: if it is
+    renewed, its holder is alive and the newcomer refuses; if not, the holder
+    died (kill -9, lost node) and the newcomer takes over. Clocks are only
+    used to skip the wait when the lease is plainly stale.
+    """
+
+    def __init__(self, checkpoint_uri: str, seconds: float, say=print):
+        self.uri = storage.join(checkpoint_uri, "lease.json")
+        self.seconds = seconds
+        self.backend = storage.backend(checkpoint_uri)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.say = say
+        self.lost = False
+        self._beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        raw = self.backend.read_bytes(self.uri)
+        return json.loads(raw) if raw else None
+
+    def _write(self) -> None:
+        self._beats += 1
+        body = {"owner": self.owner, "beat": self._beats, "renewed_at": time.time(), "seconds": self.seconds}
+        self.backend.write_bytes(self.uri, json.dumps(body).encode())
+
+    def acquire(self) -> None:
+        held = self._read()
+        if held and held["owner"] != self.owner and time.time() - held["renewed_at"] < held["seconds"]:
+            self.say(f"{self.uri} is held by {held['owner']}; watching it for up to {held['seconds']:.0f}s "
+                     f"to see whether that run is still alive")
+            deadline = time.monotonic() + held["seconds"]
+            while time.monotonic() < deadline:
+                time.sleep(min(1.0, held["seconds"] / 4))
+                now = self._read()
+                if now is None:
+                    break
+                if (now["owner"], now["beat"]) != (held["owner"], held["beat"]):
+                    raise ConfigError(
+                        f"another run ({now['owner']}) is using checkpoint.uri {self.uri.rsplit('/', 1)[0]}; "
+                        f"two runs on one checkpoint.uri would overwrite each other's checkpoints")
+        self._write()
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                now = self._read()
+                if now and now["owner"] != self.owner:
+                    self.lost = True
+                    return
+                self._write()
+            except StorageError:
+                pass  # an outage: the next beat tries again; the lease outlives a few misses
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if not self.lost:
+            try:
+                self.backend.delete_object(self.uri)
+            except StorageError:
+                pass  # it expires by itself

@@ -117,6 +117,13 @@ class Checkpoint(Section):
     every_steps: int = Field(500, ge=1)
     keep: int = Field(3, ge=1)
     resume: Literal["auto", "never", "required"] = "auto"
+    # How long a background commit keeps retrying through a storage outage
+    # before the job gives up with exit 4.
+    retry_seconds: float = Field(300.0, gt=0)
+    # SIGTERM to exit: the time the current checkpoint gets to commit.
+    grace_seconds: float = Field(30.0, gt=0)
+    # A run that dies holding the lease blocks a successor for at most this long.
+    lease_seconds: float = Field(60.0, ge=1)
 
 
 class Export(Section):

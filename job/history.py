@@ -12,8 +12,9 @@ from job import storage
 
 
 class History:
-    def __init__(self, checkpoint_uri: str):
+    def __init__(self, checkpoint_uri: str, uploader):
         self.uri = checkpoint_uri
+        self.uploader = uploader
         self.backend = storage.backend(checkpoint_uri)
         self.records: list[dict] = []
         tb_uri = storage.join(checkpoint_uri, "tensorboard")
@@ -36,9 +37,11 @@ class History:
         self.scalars(record["step"], **{f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")})
         self._writer.flush()
         body = "".join(json.dumps(r) + "\n" for r in self.records)
-        self.backend.write_bytes(storage.join(self.uri, "metrics.jsonl"), body.encode())
-        self.backend.write_bytes(storage.join(self.uri, "curves.png"), self._plot())
-        self.backend.sync(self._tb_uri)
+        # Queued behind the epoch's checkpoint commit, so storage never shows
+        # an epoch in metrics.jsonl that no committed checkpoint covers.
+        self.uploader.submit(self.backend.write_bytes, storage.join(self.uri, "metrics.jsonl"), body.encode())
+        self.uploader.submit(self.backend.write_bytes, storage.join(self.uri, "curves.png"), self._plot())
+        self.uploader.submit(self.backend.sync, self._tb_uri)
 
     def _plot(self) -> bytes:
         import matplotlib

@@ -84,6 +84,9 @@ class LocalStorage:
     def delete(self, uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
+    def delete_object(self, uri: str) -> None:
+        Path(uri).unlink(missing_ok=True)
+
     def cached_copy(self, uri: str, cache_dir: Path) -> Path:
         return Path(uri).expanduser()
 
@@ -195,6 +198,10 @@ class S3Storage:
 
     def published(self, uri: str) -> list[str]:
         return sorted(k.split("/")[0] for k in self._keys(uri) if k.count("/") == 1 and k.endswith("/" + self.MARKER))
+
+    def delete_object(self, uri: str) -> None:
+        bucket, key = self.split(uri)
+        self._call(uri, "delete", self.client.delete_object, Bucket=bucket, Key=key)
 
     def delete(self, uri: str) -> None:
         bucket, key = self.split(uri)

@@ -17,9 +17,9 @@ import keras
 import tensorflow as tf
 
 from job import data, export, model, optim, storage
-from job.checkpoints import CheckpointStore
+from job.checkpoints import CheckpointStore, Lease, Uploader
 from job.config import Config
-from job.errors import ConfigError, DivergedError, Preempted
+from job.errors import ConfigError, DivergedError, Preempted, StorageError
 from job.history import History
 from job.loop import Trainer
 from job.report import Console
@@ -85,7 +85,23 @@ def configure_determinism(cfg: Config) -> None:
 
 def run(cfg: Config, console: Console) -> Result:
     configure_determinism(cfg)
-    store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep)
+    uploader = Uploader(cfg.checkpoint.retry_seconds)
+    store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep, uploader)
+    lease = Lease(cfg.checkpoint.uri, cfg.checkpoint.lease_seconds, console.info)
+    lease.acquire()
+    try:
+        return _run(cfg, console, store, lease)
+    finally:
+        # Commits already queued are good checkpoints: give them the grace
+        # budget to land, whatever ended the run.
+        try:
+            uploader.flush(timeout=cfg.checkpoint.grace_seconds)
+        except StorageError:
+            pass
+        lease.release()
+
+
+def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease) -> Result:
     latest = None if cfg.checkpoint.resume == "never" else store.latest()
     if cfg.checkpoint.resume == "required" and latest is None:
         raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
@@ -110,7 +126,7 @@ def run(cfg: Config, console: Console) -> Result:
     progress = Progress()
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
                                      lr_scale=schedule.scale)
-    history = History(cfg.checkpoint.uri)
+    history = History(cfg.checkpoint.uri, store.uploader)
     store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
 
     if latest is not None:
@@ -125,6 +141,8 @@ def run(cfg: Config, console: Console) -> Result:
 
     def commit(**fields) -> None:
         nonlocal record
+        if lease.lost:
+            raise StorageError(f"another run took the lease on {cfg.checkpoint.uri}; stopping without writing")
         record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
                             stopped_early=bool(progress.stopped_early.numpy()), **fields)
 
@@ -174,7 +192,7 @@ def run(cfg: Config, console: Console) -> Result:
                     commit()
                 if sigterm.raised:
                     commit()
-                    raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
+                    _preempted(store, cfg, step)
             if in_epoch < spe:
                 break  # max_steps reached inside the epoch
             if epoch_images == 0 and first_call is not None:
@@ -193,11 +211,12 @@ def run(cfg: Config, console: Console) -> Result:
             history.add_epoch(entry)
             console.epoch_end(entry)
             if sigterm.raised:
-                raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
+                _preempted(store, cfg, step)
 
     step = int(progress.step.numpy())
     if int(record.get("step", -1)) != step:
         commit()
+    store.uploader.flush()
     if bool(progress.stopped_early.numpy()) and es.restore_best and record.get("best"):
         best = record["best"]["step"]
         console.info(f"early stopping: restoring the best weights, from step {best}")
@@ -219,7 +238,15 @@ def run(cfg: Config, console: Console) -> Result:
     console.info(f"exported model version {version} to {uri}")
     store.update(record, finished=True, export={"version": version, "uri": uri, "test_accuracy": test_acc,
                                                 "test_loss": test_loss})
+    store.uploader.flush()
     return Result(step, test_acc, test_loss, version, uri)
+
+
+def _preempted(store: CheckpointStore, cfg: Config, step: int):
+    if store.uploader.flush(timeout=cfg.checkpoint.grace_seconds):
+        raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
+    raise Preempted(f"SIGTERM: the checkpoint of step {step} did not commit within checkpoint.grace_seconds "
+                    f"({cfg.checkpoint.grace_seconds:g}s); the last committed checkpoint stands. Exiting to be retried")
 
 
 def _after_validation(cfg: Config, progress: Progress, schedule: optim.Schedule, val_loss: float,
