@@ -125,8 +125,15 @@ class TrainStream:
         else:
             ds = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size, drop_remainder=True)
             ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return _maybe_prefetch(ds)
+
+
+def _maybe_prefetch(ds: tf.data.Dataset) -> tf.data.Dataset:
+    # Prefetching overlaps input work with an accelerator's compute. On a
+    # CPU-only host there is nothing to overlap with: its threads only take
+    # cores from the training step (measured in docs/benchmarks.md).
+    return ds.prefetch(tf.data.AUTOTUNE) if tf.config.list_physical_devices("GPU") else ds
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _maybe_prefetch(tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size))

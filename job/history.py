@@ -34,7 +34,8 @@ class History:
 
     def add_epoch(self, record: dict) -> None:
         self.records.append(record)
-        self.scalars(record["step"], **{f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")})
+        self.scalars(record["step"], **{f"epoch/{k}": v for k, v in record.items()
+                                        if k not in ("epoch", "step") and v is not None})
         self._writer.flush()
         body = "".join(json.dumps(r) + "\n" for r in self.records)
         # Queued behind the epoch's checkpoint commit, so storage never shows

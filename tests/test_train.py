@@ -69,6 +69,14 @@ def test_run_leaves_contract_files(tmp_path, run_job):
     assert "test: accuracy" in log
 
 
+def test_a_run_without_a_validation_split(tmp_path, run_job):
+    result, log = run_job(small_overrides(tmp_path, **{"data.validation_size": 0}))
+    rows = metrics(tmp_path)
+    assert result.step == 2 * (1200 // 32) and len(rows) == 2
+    assert rows[0]["val_loss"] is None and rows[0]["val_accuracy"] is None
+    assert "val_loss" not in log and (tmp_path / "ckpt" / "curves.png").exists()
+
+
 def test_rerunning_a_finished_run_does_nothing(tmp_path, run_job):
     first, _ = run_job(small_overrides(tmp_path, **{"train.epochs": 1}))
     again, log = run_job(small_overrides(tmp_path, **{"train.epochs": 1}))
