@@ -1,0 +1,116 @@
+"""The Flask application factory: cross-cutting concerns (request ids, API
+keys, CORS, limits, metrics, errors) here; the routes in routes.py.
+
+Every error a client can cause is a 4xx with `{"error": "..."}`; anything
+else is logged with its traceback and answered as a bare 500, never with
+the traceback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import logging
+import time
+import uuid
+
+from flask import Flask, g, jsonify, request
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException
+
+from serve import backends, metrics
+from serve.batching import Batcher, Overloaded
+from serve.images import BadInput
+from serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+# Routes that run the model; health, metrics and docs stay open.
+PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict")
+
+
+class Predictor:
+    """The backend behind the batcher; what the routes call."""
+
+    def __init__(self, settings: Settings, backend=None):
+        self.settings = settings
+        self.backend = backend or backends.create(settings)
+        self.batcher = Batcher(self.backend.predict, settings.max_batch_size, settings.batch_timeout_ms,
+                               settings.max_queue, on_batch=metrics.BATCH_SIZE.observe)
+
+    def predict(self, images):
+        if len(images) > self.settings.max_instances:
+            raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_instances}")
+        probabilities, loaded = self.batcher.predict(images, timeout=self.settings.request_timeout_s)
+        metrics.MODEL_VERSION.set(loaded.version)
+        return probabilities, loaded
+
+
+def create_app(settings: Settings | None = None, backend=None) -> Flask:
+    settings = settings or Settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["predictor"] = Predictor(settings, backend)
+    app.extensions["settings"] = settings
+    if settings.cors_origins:
+        CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
+
+    from serve.routes import health, pages, tfserving_rest, upload, v2
+
+    for blueprint in (health, tfserving_rest, v2, upload, pages):
+        app.register_blueprint(blueprint)
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        g.request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+        if settings.api_keys and request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
+            given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix(
+                "Bearer ")
+            # Every key is compared, in constant time, so timing tells nothing about which is close.
+            matches = [hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys]
+            if not any(matches):
+                return jsonify(error="missing or wrong API key (send X-API-Key or Authorization: Bearer)"), 401
+
+    @app.after_request
+    def _finish(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.REQUESTS.labels(route, request.method, response.status_code).inc()
+        metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        log.info('%s "%s %s" %s request_id=%s', request.remote_addr, request.method, request.full_path.rstrip("?"),
+                 response.status_code, g.get("request_id"))
+        return response
+
+    @app.errorhandler(BadInput)
+    def _bad_input(exc):
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(Overloaded)
+    def _overloaded(exc):
+        return jsonify(error=str(exc)), 503, {"Retry-After": "1"}
+
+    @app.errorhandler(backends.Unavailable)
+    def _unavailable(exc):
+        return jsonify(error=str(exc)), 503, {"Retry-After": "5"}
+
+    @app.errorhandler(backends.UpstreamError)
+    def _upstream(exc):
+        return jsonify(error=str(exc)), exc.status
+
+    @app.errorhandler(concurrent.futures.TimeoutError)
+    def _timeout(exc):
+        return jsonify(error=f"no answer within {settings.request_timeout_s:g}s"), 504
+
+    @app.errorhandler(HTTPException)
+    def _http(exc):
+        messages = {413: f"the body is larger than {settings.max_body_bytes} bytes"}
+        return jsonify(error=messages.get(exc.code, exc.description)), exc.code
+
+    @app.errorhandler(Exception)
+    def _bug(exc):
+        log.exception("unhandled error on %s %s (request_id=%s)", request.method, request.path, g.get("request_id"))
+        return jsonify(error=f"internal error (request id {g.get('request_id')})"), 500
+
+    return app

@@ -1,0 +1,107 @@
+"""Where predictions come from: the SavedModel in this process, or TF
+Serving over gRPC. Both answer `predict(uint8 [N,32,32,3]) -> float32 [N,10]`
+and say which version they serve."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve import models
+from serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class Unavailable(Exception):
+    """No model to answer with (yet): a 503."""
+
+
+class UpstreamError(Exception):
+    """TF Serving failed; `status` is the HTTP status to answer with (502, 503 or 504)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: int
+    predict: object  # the SavedModel's serving_default signature
+    labels: tuple[str, ...]
+
+
+class InProcess:
+    """Serves the highest complete version under `model_uri`, and swaps in a
+    newer one when it appears: loaded and warmed up beside the old one, then
+    switched by one reference assignment, so no request sees a half-loaded model."""
+
+    def __init__(self, settings: Settings):
+        if not settings.model_uri:
+            raise ValueError("SERVE_MODEL_URI (or --model-uri) is required for the in-process backend")
+        self.base = settings.model_uri
+        self.name = settings.name
+        self.settings = settings
+        self.current: Loaded | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception as exc:  # a bad version or a storage hiccup must not kill the watcher
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("model refresh failed: %s", self.last_error)
+            if self._stop.wait(self.settings.poll_seconds):
+                return
+
+    def refresh(self) -> None:
+        found = models.versions(self.base)
+        if not found or (self.current and self.current.version >= found[-1]):
+            return
+        version = found[-1]
+        self.current = self._load(version)
+        self.last_error = None
+        log.info("serving %s version %d", self.name, version)
+
+    def _load(self, version: int) -> Loaded:
+        import tensorflow as tf
+
+        path = models.local_path(self.base, version, self.settings.cache_dir)
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
+        labels_file = path / "assets" / "labels.txt"
+        labels = tuple(labels_file.read_text().split()) if labels_file.is_file() else CLASS_NAMES
+        return Loaded(version, signature, labels)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
+        import tensorflow as tf
+
+        loaded = self.current
+        if loaded is None:
+            raise Unavailable(f"no model loaded yet from {self.base}")
+        out = loaded.predict(images=tf.constant(images, dtype=tf.uint8))["probabilities"]
+        return out.numpy(), loaded
+
+    def status(self) -> Loaded | None:
+        return self.current
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def create(settings: Settings):
+    if settings.backend == "tfserving":
+        from serve.tfserving import TFServing
+
+        return TFServing(settings)
+    return InProcess(settings)

@@ -1,0 +1,77 @@
+"""Server-side micro-batching, with TF Serving's semantics: requests that
+arrive together are run as one batch of up to `max_batch_size` images, the
+first waiting at most `batch_timeout_ms` for company. A full queue sheds
+load at once (503 + Retry-After) rather than letting latency pile up."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+
+class Overloaded(Exception):
+    """The batching queue is full: a 503 with Retry-After."""
+
+
+class Batcher:
+    def __init__(self, run, max_batch_size: int, batch_timeout_ms: float, max_queue: int, on_batch=None):
+        """`run(images) -> (outputs, info)` is called on one thread with up to `max_batch_size` images."""
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.timeout = batch_timeout_ms / 1000
+        self.on_batch = on_batch or (lambda size: None)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        if max_batch_size > 1:
+            threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+
+    def predict(self, images: np.ndarray, timeout: float):
+        if self.max_batch_size == 1 or len(images) >= self.max_batch_size:
+            # Batching off, or a request that fills a batch on its own.
+            self.on_batch(len(images))
+            return self.run(images)
+        future: Future = Future()
+        try:
+            self._queue.put_nowait((images, future))
+        except queue.Full:
+            raise Overloaded("the server is at capacity; retry shortly") from None
+        return future.result(timeout=timeout)
+
+    def _loop(self) -> None:
+        carry = None
+        while True:
+            batch = [carry or self._queue.get()]
+            carry = None
+            size = len(batch[0][0])
+            deadline = time.monotonic() + self.timeout
+            while size < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if size + len(item[0]) > self.max_batch_size:
+                    carry = item  # would overflow: it starts the next batch
+                    break
+                batch.append(item)
+                size += len(item[0])
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        live = [(images, f) for images, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        images = np.concatenate([images for images, _ in live])
+        self.on_batch(len(images))
+        try:
+            outputs, info = self.run(images)
+        except Exception as exc:  # handed to every waiting request, which maps it to a status
+            for _, f in live:
+                f.set_exception(exc)
+            return
+        start = 0
+        for part, f in live:
+            f.set_result((outputs[start:start + len(part)], info))
+            start += len(part)

@@ -1,0 +1,49 @@
+"""`cifar-serve --model-uri URI [--port 8080]`: the service under gunicorn.
+
+Flags become `SERVE_*` environment variables, which is where the settings
+(and every gunicorn worker) read them from."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-serve", description="Serve the exported CIFAR-10 model over HTTP.")
+    parser.add_argument("--model-uri", help="<export.uri>/<model_name>, local or s3:// (env SERVE_MODEL_URI)")
+    parser.add_argument("--port", type=int, help="port (env SERVE_PORT, default 8080)")
+    parser.add_argument("--host", help="address to bind (env SERVE_HOST, default 0.0.0.0)")
+    parser.add_argument("--backend", choices=["inprocess", "tfserving"], help="env SERVE_BACKEND")
+    parser.add_argument("--tfserving-address", help="host:port of TF Serving's gRPC API (env SERVE_TFSERVING_ADDRESS)")
+    parser.add_argument("--workers", type=int, help="gunicorn workers (env SERVE_WORKERS, default 1)")
+    parser.add_argument("--threads", type=int, help="threads per worker (env SERVE_THREADS, default 16)")
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if value is not None:
+            os.environ[f"SERVE_{name.upper()}"] = str(value)
+
+    from pydantic import ValidationError
+
+    from serve.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"cifar-serve: error: SERVE_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
+        return 2
+    if settings.backend == "inprocess" and not settings.model_uri:
+        print("cifar-serve: error: --model-uri (or SERVE_MODEL_URI) is required", file=sys.stderr)
+        return 2
+    print(f"cifar-serve: {settings.model_dump_json(exclude={'api_keys'})}", file=sys.stderr, flush=True)
+    from gunicorn.app.wsgiapp import run
+
+    sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

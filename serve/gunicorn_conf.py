@@ -1,0 +1,25 @@
+"""gunicorn settings for `cifar-serve` (and `gunicorn -c serve/gunicorn_conf.py`).
+
+One worker with many threads by default: TensorFlow already uses every core
+for one batch, and the batcher can only coalesce requests that share a
+process. The app is built in each worker after fork (no preload), so
+TensorFlow is never loaded in the master.
+"""
+
+from serve.settings import Settings
+
+_settings = Settings()
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+preload_app = False
+wsgi_app = "serve.app:create_app()"
+# Model calls can take a while on a busy CPU; the per-request timeout is the app's.
+timeout = int(_settings.request_timeout_s) + 30
+graceful_timeout = 30  # SIGTERM: stop accepting, finish in-flight requests
+keepalive = 5
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
+errorlog = "-"

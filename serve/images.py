@@ -1,0 +1,71 @@
+"""Turning what clients send into uint8 [N, 32, 32, 3] pixels, or a clear
+reason why not. Nothing here trusts its input."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SIZE = 32
+# A decompression bomb is refused before it is decoded: 40 megapixels is
+# far above any photo a person uploads.
+Image.MAX_IMAGE_PIXELS = 40_000_000
+
+
+class BadInput(ValueError):
+    """The client sent something that is not an image we can classify (a 400)."""
+
+
+def decode(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes of any size -> uint8 [32, 32, 3]."""
+    if not data:
+        raise BadInput("the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise BadInput(f"expected a PNG or JPEG image, got {image.format or 'an unknown format'}")
+            image = image.convert("RGB")
+            if image.size != (SIZE, SIZE):
+                image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
+            return np.asarray(image, dtype=np.uint8)
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInput(f"cannot decode the image: {exc}") from None
+
+
+def decode_b64(text) -> np.ndarray:
+    if not isinstance(text, str):
+        raise BadInput('"b64" must be a base64 string')
+    try:
+        return decode(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        if isinstance(exc, BadInput):
+            raise
+        raise BadInput(f'"b64" is not valid base64: {exc}') from None
+
+
+def from_nested(value, where: str) -> np.ndarray:
+    """A 32x32x3 nested list of numbers in 0..255 -> uint8 [32, 32, 3]."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise BadInput(f"{where}: expected a 32x32x3 nested list of numbers") from None
+    if array.shape != (SIZE, SIZE, 3):
+        raise BadInput(f"{where}: expected shape [32, 32, 3], got {list(array.shape)}")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
+        raise BadInput(f"{where}: pixel values must be numbers from 0 to 255")
+    return np.rint(array).astype(np.uint8)
+
+
+def instance(value, where: str) -> np.ndarray:
+    """One TF Serving REST instance: nested pixels or {"b64": ...}."""
+    if isinstance(value, dict):
+        if set(value) != {"b64"}:
+            raise BadInput(f'{where}: an object instance must be {{"b64": "<PNG or JPEG bytes>"}}')
+        return decode_b64(value["b64"])
+    return from_nested(value, where)

@@ -1,0 +1,130 @@
+"""Request and response bodies as pydantic models: the single source of the
+OpenAPI document, and the validation of each JSON envelope."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(Strict):
+    """TF Serving REST, row format."""
+
+    instances: list[Any] = Field(description='each a 32x32x3 nested list of 0-255 numbers, or {"b64": "<PNG/JPEG>"}',
+                                 min_length=1)
+    signature_name: str | None = None
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    probabilities: list[float] = Field(min_length=10, max_length=10)
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class TopClass(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class UploadResponse(BaseModel):
+    model_version: int
+    predictions: list[TopClass] = Field(description="the top 5 classes, most likely first")
+
+
+class V2Tensor(Strict):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class V2Output(Strict):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(Strict):
+    id: str | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2Output] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+class Error(BaseModel):
+    error: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not ready"]
+    model: str | None = None
+    version: int | None = None
+
+
+def openapi(model_name: str) -> dict:
+    models = [PredictRequest, PredictResponse, UploadResponse, V2InferRequest, V2InferResponse, Error, Health]
+    schemas = {}
+    for m in models:
+        schema = m.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[m.__name__] = schema
+
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(name, description="OK"):
+        return {"description": description, "content": {"application/json": {"schema": ref(name)}}}
+
+    errors = {str(code): answer("Error", text) for code, text in
+              [(400, "malformed request"), (401, "missing or wrong API key"), (404, "no such model"),
+               (413, "body too large"), (503, "no model loaded, or at capacity (see Retry-After)"),
+               (504, "timed out")]}
+    name = model_name
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cifar10-pipeline prediction service", "version": "1"},
+        "paths": {
+            "/healthz": {"get": {"summary": "the process is alive", "responses": {"200": answer("Health")}}},
+            "/readyz": {"get": {"summary": "a model is loaded",
+                                "responses": {"200": answer("Health"), "503": answer("Health", "not ready")}}},
+            f"/v1/models/{name}:predict": {"post": {
+                "summary": "TF Serving REST predict",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("PredictRequest")}}},
+                "responses": {"200": answer("PredictResponse"), **errors}}},
+            f"/v1/models/{name}": {"get": {"summary": "TF Serving model status", "responses": {"200": {
+                "description": "OK"}}}},
+            f"/v1/models/{name}/metadata": {"get": {"summary": "TF Serving model metadata", "responses": {
+                "200": {"description": "OK"}}}},
+            f"/v2/models/{name}/infer": {"post": {
+                "summary": "Open Inference Protocol v2 infer (JSON; binary tensor extension accepted)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("V2InferRequest")}}},
+                "responses": {"200": answer("V2InferResponse"), **errors}}},
+            "/predict": {"post": {
+                "summary": "classify one uploaded image (PNG or JPEG, any size)",
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {
+                        "file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": answer("UploadResponse"), **errors}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},
+        },
+        "components": {"schemas": schemas},
+    }

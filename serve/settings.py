@@ -1,0 +1,50 @@
+"""The service's settings: `SERVE_*` environment variables, overridden by
+`cifar-serve` flags. One pydantic model, printed at start."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVE_", extra="forbid", frozen=True)
+
+    # <export.uri>/<model_name>, local or s3://: the highest complete version is served.
+    model_uri: str | None = None
+    model_name: str | None = None  # defaults to the last part of model_uri
+    backend: Literal["inprocess", "tfserving"] = "inprocess"
+    tfserving_address: str = "localhost:8500"
+    tfserving_timeout_s: float = Field(10.0, gt=0)
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(16, ge=1)
+
+    poll_seconds: float = Field(5.0, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_timeout_ms: float = Field(2.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_instances: int = Field(256, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    api_keys: Annotated[list[str], NoDecode] = []
+    cors_origins: Annotated[list[str], NoDecode] = []
+    cache_dir: str = "/tmp/cifar-serve-models"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        # `SERVE_API_KEYS=key1,key2`: a list in the environment's only type.
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @property
+    def name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model_uri:
+            return self.model_uri.rstrip("/").rsplit("/", 1)[-1]
+        return "cifar10"
