@@ -17,6 +17,7 @@ import uuid
 from flask import Flask, g, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
 
 from serve import backends, metrics
 from serve.batching import Batcher, Overloaded
@@ -27,6 +28,10 @@ log = logging.getLogger("serve")
 
 # Routes that run the model; health, metrics and docs stay open.
 PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict")
+
+
+class ModelName(BaseConverter):
+    regex = r"[^/:]+"
 
 
 class Predictor:
@@ -49,6 +54,9 @@ class Predictor:
 def create_app(settings: Settings | None = None, backend=None) -> Flask:
     settings = settings or Settings()
     app = Flask(__name__)
+    # Model names never hold ':' so that `GET /v1/models/x:predict` is a
+    # wrong method on the predict route, not a request for a model "x:predict".
+    app.url_map.converters["model"] = ModelName
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["predictor"] = Predictor(settings, backend)

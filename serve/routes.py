@@ -64,7 +64,7 @@ def readyz():
 
 # --- TF Serving REST ----------------------------------------------------------
 
-@tfserving_rest.get("/v1/models/<name>")
+@tfserving_rest.get("/v1/models/<model:name>")
 def v1_status(name):
     _check_name(name)
     loaded = _loaded()
@@ -74,7 +74,7 @@ def v1_status(name):
                                           "status": {"error_code": "OK", "error_message": ""}}])
 
 
-@tfserving_rest.get("/v1/models/<name>/metadata")
+@tfserving_rest.get("/v1/models/<model:name>/metadata")
 def v1_metadata(name):
     _check_name(name)
     loaded = _loaded()
@@ -94,7 +94,7 @@ def v1_metadata(name):
                                                "labels": list(loaded.labels)}})
 
 
-@tfserving_rest.post("/v1/models/<name>:predict")
+@tfserving_rest.post("/v1/models/<model:name>:predict")
 def v1_predict(name):
     _check_name(name)
     body = _body(schemas.PredictRequest)
@@ -123,8 +123,8 @@ def v2_ready():
     return jsonify(ready=ready), 200 if ready else 503
 
 
-@v2.get("/v2/models/<name>")
-@v2.get("/v2/models/<name>/versions/<version>")
+@v2.get("/v2/models/<model:name>")
+@v2.get("/v2/models/<model:name>/versions/<version>")
 def v2_metadata(name, version=None):
     _check_name(name)
     loaded = _loaded()
@@ -133,16 +133,16 @@ def v2_metadata(name, version=None):
                    outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, 10]}])
 
 
-@v2.get("/v2/models/<name>/ready")
-@v2.get("/v2/models/<name>/versions/<version>/ready")
+@v2.get("/v2/models/<model:name>/ready")
+@v2.get("/v2/models/<model:name>/versions/<version>/ready")
 def v2_model_ready(name, version=None):
     _check_name(name)
     ready = _loaded() is not None
     return jsonify(name=name, ready=ready), 200 if ready else 503
 
 
-@v2.post("/v2/models/<name>/infer")
-@v2.post("/v2/models/<name>/versions/<version>/infer")
+@v2.post("/v2/models/<model:name>/infer")
+@v2.post("/v2/models/<model:name>/versions/<version>/infer")
 def v2_infer(name, version=None):
     _check_name(name)
     header_length = request.headers.get("Inference-Header-Content-Length")

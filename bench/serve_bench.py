@@ -1,0 +1,173 @@
+"""Serving throughput: the service (`cifar-serve`, micro-batching) against a
+plain Flask app that calls the SavedModel once per request
+(bench/plain_flask_app.py), both under gunicorn gthread with the same worker
+and thread counts, with wrk sending single-image TF Serving REST requests
+from 32 connections; plus the raw signature on batches of 32 in-process as
+the ceiling. Each server runs alone, alternating A B A B; medians reported.
+
+    .venv/bin/python bench/serve_bench.py [--duration 20] [--rounds 2] [--out FILE]
+        [--variant SERVE_MAX_BATCH_SIZE=8,SERVE_BATCH_TIMEOUT_MS=1]   # an extra, labelled service row
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+PATH = "/v1/models/cifar10:predict"
+LUA = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' \
+      'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'  # the body has "]]": no Lua literal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(kind: str, base: Path, tmp: Path, extra_env: dict) -> tuple[subprocess.Popen, int]:
+    """Start one server, return it once it answers the benchmark's request with 200."""
+    from serve.settings import Settings
+
+    port, env = free_port(), {**os.environ, **extra_env}
+    defaults = Settings()  # the baseline gets the service's worker/thread counts
+    if kind == "service":
+        cmd = [str(BIN / "cifar-serve"), "--model-uri", str(base), "--port", str(port), "--host", "127.0.0.1"]
+    else:
+        env["PLAIN_MODEL_DIR"] = str(max(base.iterdir(), key=lambda p: int(p.name)))
+        cmd = [str(BIN / "gunicorn"), "--chdir", str(ROOT), "-k", "gthread", "-w", str(defaults.workers),
+               "--threads", str(defaults.threads), "-b", f"127.0.0.1:{port}", "bench.plain_flask_app:app"]
+    log = open(tmp / f"{kind}.log", "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    body = (tmp / "body.json").read_bytes()
+    for _ in range(240):
+        if proc.poll() is not None:
+            sys.exit(f"{kind} exited with {proc.returncode}; see {tmp / (kind + '.log')}")
+        try:  # readiness = the real request succeeds (for the service, /readyz would say the same)
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200 and len(json.load(r)["predictions"][0]["probabilities"]) == 10:
+                    return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    sys.exit(f"{kind} did not become ready in 2 minutes; see {tmp / (kind + '.log')}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # gunicorn's master and its worker
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1, "s": 1e3, "m": 6e4}[unit]
+
+
+def wrk(port: int, seconds: int, script: Path, connections: int) -> dict:
+    # --timeout 10s: wrk's default (2 s) would drop slow requests from the latency histogram.
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency",
+                          "-s", str(script), f"http://127.0.0.1:{port}{PATH}"],
+                         capture_output=True, text=True, check=True).stdout
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
+            "p99_ms": ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
+            "errors": (int(non2xx.group(1)) if non2xx else 0)
+            + (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
+
+
+def ceiling(version_dir: Path, seconds: float) -> float:
+    """Images/s of the bare signature on batches of 32: what no server can beat on this machine."""
+    import numpy as np
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8))
+    for _ in range(5):
+        signature(images=batch)["probabilities"].numpy()
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        signature(images=batch)["probabilities"].numpy()  # .numpy(): the same copy-out a server does
+        n += 32
+    return n / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=20, help="seconds per measured wrk run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--variant", help="SERVE_*=value,... for an extra service row with these settings")
+    parser.add_argument("--out", help="write the results as JSON")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("serve_bench: wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+
+    import numpy as np
+
+    from job import export, model
+
+    rows = {"baseline (plain Flask)": {}, "service (defaults)": {}}
+    if args.variant:
+        rows[f"service ({args.variant})"] = dict(kv.split("=", 1) for kv in args.variant.split(","))
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        _, uri = export.export(model.build("simple_cnn"), str(tmp / "export"), "cifar10", {},
+                               np.zeros((4, 32, 32, 3), np.uint8))
+        base = tmp / "export" / "cifar10"
+        image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).tolist()
+        (tmp / "body.json").write_text(json.dumps({"instances": [image]}))  # one identical body for all
+        (tmp / "post.lua").write_text(LUA.format(body=tmp / "body.json"))
+        images_per_s = ceiling(Path(uri), 10.0)  # before any server, so nothing competes with it
+        results: dict[str, list[dict]] = {name: [] for name in rows}
+        for r in range(args.rounds):  # A B A B: drift on a shared machine lands on every row alike
+            for name, env in rows.items():
+                proc, port = start("baseline" if name.startswith("baseline") else "service", base, tmp, env)
+                try:
+                    wrk(port, 3, tmp / "post.lua", args.connections)  # warm-up: connections, thread pools
+                    results[name].append(wrk(port, args.duration, tmp / "post.lua", args.connections))
+                finally:
+                    stop(proc)
+                print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+
+    summary = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for name, runs in results.items()}
+    base_rps = summary["baseline (plain Flask)"]["rps"]
+    print(f"| server | req/s | p50 ms | p99 ms | errors | vs baseline | vs ceiling |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['rps']:,.0f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']:.0f} "
+              f"| {s['rps'] / base_rps:.2f}x | {s['rps'] / images_per_s:.2f}x |")
+    print(f"| ceiling (signature, batches of 32, in-process) | {images_per_s:,.0f} images/s | | | | "
+          f"{images_per_s / base_rps:.2f}x | 1.00x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"ceiling_images_per_s": images_per_s, "summary": summary,
+                                              "runs": results, "connections": args.connections,
+                                              "duration_s": args.duration}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

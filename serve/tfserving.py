@@ -1,0 +1,144 @@
+"""The TF Serving backend: predictions forwarded over gRPC to a TF Serving
+(or anything speaking its PredictionService/ModelService) at
+`tfserving_address`; readiness from its GetModelStatus."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serve.backends import CLASS_NAMES, Loaded, UpstreamError
+from serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+SIGNATURE, INPUT, OUTPUT = "serving_default", "images", "probabilities"
+# gRPC refuses messages over 4 MB by default: about 1360 uint8 images. Batched
+# requests may be larger, so both directions get room for ~20k images.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DT_UINT8, DT_FLOAT = 4, 1  # tensorflow/core/framework/types.proto
+
+# What each gRPC failure means for our clients: TF Serving down or the model
+# not loaded (yet) is a 503 worth retrying; too slow is a 504; anything else
+# (a rejected input, a crash inside the model) is a bad gateway, 502.
+HTTP_STATUS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.NOT_FOUND: 503,
+    grpc.StatusCode.FAILED_PRECONDITION: 503,
+}
+
+
+class TFServing:
+    def __init__(self, settings: Settings):
+        self.name = settings.name
+        self.address = settings.tfserving_address
+        self.timeout = settings.tfserving_timeout_s
+        self.poll_seconds = settings.poll_seconds
+        self.current: Loaded | None = None
+        self.last_error: str | None = None
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
+        self._status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
+        self._stop = threading.Event()
+        # The first poll happens on the thread too, so a TF Serving that is
+        # still starting (or absent) never delays or breaks our own start.
+        self._thread = threading.Thread(target=self._watch, name="tfserving-watch", daemon=True)
+        self._thread.start()
+
+    def _error(self, exc: grpc.RpcError, what: str) -> UpstreamError:
+        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+        message = f"TF Serving at {self.address}: {what} failed with {code.name}"
+        if details:
+            message += f": {details.splitlines()[0][:200]}"  # its first line only: no upstream traces
+        return UpstreamError(message, HTTP_STATUS.get(code, 502))
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=self.name, signature_name=SIGNATURE))
+        # The TensorProto by hand: the raw bytes, as tf.make_tensor_proto would
+        # write them, without its per-call conversion and checks.
+        tensor = request.inputs[INPUT]
+        tensor.dtype = DT_UINT8
+        for size in images.shape:
+            tensor.tensor_shape.dim.add(size=size)
+        tensor.tensor_content = images.tobytes()
+        try:
+            response = self._predict(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "Predict") from None
+        probabilities = self._probabilities(response, len(images))
+        if response.model_spec.HasField("version"):
+            version = response.model_spec.version.value
+        else:  # an older server that does not say: the newest it reported
+            version = self.current.version if self.current else 0
+        return probabilities, Loaded(version, None, CLASS_NAMES)
+
+    def _probabilities(self, response, count: int) -> np.ndarray:
+        if OUTPUT not in response.outputs:
+            raise UpstreamError(f"TF Serving at {self.address} answered without {OUTPUT!r}", 502)
+        out = response.outputs[OUTPUT]
+        if out.dtype != DT_FLOAT:
+            raise UpstreamError(f"TF Serving at {self.address} answered {OUTPUT!r} with dtype {out.dtype}, "
+                                f"not float32", 502)
+        # TF Serving packs floats in tensor_content; other servers may use float_val.
+        if out.tensor_content:
+            values = np.frombuffer(out.tensor_content, dtype="<f4")
+        else:
+            values = np.asarray(out.float_val, dtype=np.float32)
+        if values.size != count * len(CLASS_NAMES):
+            raise UpstreamError(f"TF Serving at {self.address} answered {values.size} probabilities "
+                                f"for {count} images", 502)
+        return values.astype(np.float32).reshape(count, len(CLASS_NAMES))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # a poller that dies would leave readiness stuck
+                if not self._stop.is_set():  # after close(), the closed channel is expected to fail
+                    self.current, self.last_error = None, f"{type(exc).__name__}: {exc}"
+                    log.warning("TF Serving status poll failed: %s", self.last_error)
+            self._stop.wait(self.poll_seconds)
+
+    def refresh(self) -> None:
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=self.name))
+        try:
+            response = self._status(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            # Not reachable, or the model unknown to it: not ready, until a poll says otherwise.
+            error = str(self._error(exc, "GetModelStatus"))
+            if error != self.last_error:
+                log.warning("%s", error)
+            self.current, self.last_error = None, error
+            return
+        available = [s.version for s in response.model_version_status
+                     if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE]
+        newest = Loaded(max(available), None, CLASS_NAMES) if available else None
+        if newest != self.current:
+            log.info("TF Serving at %s serves %s version %s", self.address, self.name,
+                     newest.version if newest else "none")
+        self.current, self.last_error = newest, None
+
+    def status(self) -> Loaded | None:
+        return self.current
+
+    def close(self) -> None:
+        self._stop.set()
+        self._channel.close()  # also cancels a status poll in flight, so the join is quick
+        self._thread.join(timeout=5)
