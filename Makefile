@@ -16,7 +16,7 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(VENV)/bin/cifar-job train --config configs/demo.yaml
 	$(VENV)/bin/cifar-job evaluate --config configs/demo.yaml --model runs/demo/export/cifar10
-	$(PY) scripts/predict_one.py runs/demo/export/cifar10
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/demo_request.py runs/demo/export/cifar10
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -1,0 +1,252 @@
+"""The TF Serving backend against a real gRPC server built from
+tensorflow-serving-api's own service definitions, answering with a real
+exported SavedModel, through the real Flask app."""
+
+import base64
+import io
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serve.app import create_app
+from serve.settings import Settings
+
+PIXELS = np.random.default_rng(7).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_model_status_pb2.ModelVersionStatus.LOADING
+
+
+class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
+    """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails."""
+
+    def __init__(self, signature):
+        self.signature = signature
+        self.reset()
+
+    def reset(self, versions=None):
+        self.versions = {1: AVAILABLE} if versions is None else versions
+        self.fail: grpc.StatusCode | None = None
+        self.delay = 0.0
+        self.float_val = False  # answer in float_val instead of tensor_content
+        self.release = threading.Event()  # ends a delay early, so teardown never waits on it
+
+    def Predict(self, request, context):
+        if self.delay:
+            self.release.wait(self.delay)
+        if self.fail:
+            context.abort(self.fail, f"fake says {self.fail.name}\n  at some/internal/frame.cc:12")
+        images = tf.make_ndarray(request.inputs["images"])  # our hand-built TensorProto must be valid TF
+        probabilities = self.signature(images=tf.constant(images))["probabilities"].numpy()
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.signature_name = "serving_default"
+        response.model_spec.version.value = max(v for v, s in self.versions.items() if s == AVAILABLE)
+        out = response.outputs["probabilities"]
+        if self.float_val:
+            out.dtype = tf.float32.as_datatype_enum
+            out.tensor_shape.dim.add(size=probabilities.shape[0])
+            out.tensor_shape.dim.add(size=probabilities.shape[1])
+            out.float_val.extend(probabilities.reshape(-1).tolist())
+        else:
+            out.CopyFrom(tf.make_tensor_proto(probabilities))
+        return response
+
+    def GetModelStatus(self, request, context):
+        if request.model_spec.name != "cifar10":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request.model_spec.name}")
+        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
+            get_model_status_pb2.ModelVersionStatus(version=v, state=s) for v, s in sorted(self.versions.items())])
+
+
+def start_server(fake) -> tuple[grpc.Server, int]:
+    # TF Serving itself accepts messages of any size (SetMaxMessageSize(INT_MAX)), so the fake does too.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
+        ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(fake, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.fixture(scope="session")
+def signature(tmp_path_factory):
+    from job import export, model
+
+    _, uri = export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("export")), "cifar10", {}, PIXELS)
+    return tf.saved_model.load(uri).signatures["serving_default"]
+
+
+@pytest.fixture(scope="module")
+def upstream(signature):
+    fake = FakeTFServing(signature)
+    server, port = start_server(fake)
+    yield fake, port
+    fake.release.set()
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def make_client(upstream):
+    """A fresh app (and backend) on the fake, closed after the test."""
+    fake, port = upstream
+    fake.reset()
+    apps = []
+
+    def make(port=port, **overrides):
+        values = {"backend": "tfserving", "tfserving_address": f"127.0.0.1:{port}", "model_name": "cifar10",
+                  "poll_seconds": 0.05, **overrides}
+        settings = Settings(**values)
+        app = create_app(settings)
+        apps.append(app)
+        return app.test_client()
+
+    yield make
+    fake.release.set()
+    for app in apps:
+        app.extensions["predictor"].backend.close()
+
+
+def wait_for(client, path, status, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        response = client.get(path)
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.02)
+
+
+def expected(signature, pixels):
+    return signature(images=tf.constant(pixels))["probabilities"].numpy()
+
+
+def png_b64(image):
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_ready_only_once_tf_serving_reports_a_version_available(upstream, make_client):
+    fake, _ = upstream
+    fake.versions = {1: LOADING}
+    client = make_client()
+    time.sleep(0.2)  # a few polls
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 503
+    fake.versions = {1: AVAILABLE, 2: LOADING}
+    response = wait_for(client, "/readyz", 200)
+    assert response.status_code == 200 and response.get_json()["version"] == 1
+    fake.versions = {1: AVAILABLE, 2: AVAILABLE}  # the highest AVAILABLE version is the one served
+    deadline = time.monotonic() + 5
+    while client.get("/readyz").get_json().get("version") != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.get("/readyz").get_json()["version"] == 2
+    assert client.get("/v1/models/cifar10").get_json()["model_version_status"][0]["version"] == "2"
+
+
+def test_unknown_model_name_is_not_ready(upstream, make_client):
+    client = make_client(model_name="other")
+    time.sleep(0.2)
+    assert client.get("/readyz").status_code == 503
+
+
+@pytest.mark.parametrize("float_val", [False, True], ids=["tensor_content", "float_val"])
+def test_v1_predict_nested_lists_and_png_give_the_saved_models_probabilities(upstream, make_client, signature,
+                                                                              float_val):
+    fake, _ = upstream
+    fake.float_val = float_val
+    client = make_client()
+    response = client.post("/v1/models/cifar10:predict", json={"instances": [
+        PIXELS[0].tolist(), {"b64": png_b64(PIXELS[1])}, PIXELS[2].tolist()]})
+    assert response.status_code == 200, response.get_json()
+    assert response.headers["X-Model-Version"] == "1"
+    predictions = response.get_json()["predictions"]
+    got = np.array([p["probabilities"] for p in predictions])
+    np.testing.assert_allclose(got, expected(signature, PIXELS), rtol=0, atol=1e-6)
+    assert [p["class_id"] for p in predictions] == list(np.argmax(got, axis=1))
+    assert predictions[0]["label"] in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                       "ship", "truck")
+
+
+def test_v2_infer_json(make_client, signature):
+    client = make_client()
+    response = client.post("/v2/models/cifar10/infer", json={"inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3], "data": PIXELS.reshape(-1).tolist()}]})
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["model_version"] == "1" and body["outputs"][0]["shape"] == [3, 10]
+    got = np.array(body["outputs"][0]["data"], dtype=np.float32).reshape(3, 10)
+    np.testing.assert_allclose(got, expected(signature, PIXELS), rtol=0, atol=1e-6)
+
+
+def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signature):
+    client = make_client(max_instances=2000)
+    backend = client.application.extensions["predictor"].backend
+    batch = np.random.default_rng(1).integers(0, 256, size=(1500, 32, 32, 3), dtype=np.uint8)
+    assert batch.nbytes > 4 * 1024 * 1024
+    probabilities, loaded = backend.predict(batch)
+    assert probabilities.shape == (1500, 10) and probabilities.dtype == np.float32 and loaded.version == 1
+    np.testing.assert_allclose(probabilities[:5], expected(signature, batch[:5]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("code, status", [
+    (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.NOT_FOUND, 503),
+    (grpc.StatusCode.FAILED_PRECONDITION, 503),
+    (grpc.StatusCode.INTERNAL, 502),
+    (grpc.StatusCode.INVALID_ARGUMENT, 502),
+])
+def test_upstream_errors_map_to_gateway_statuses_and_the_app_recovers(upstream, make_client, code, status):
+    fake, port = upstream
+    client = make_client()
+    fake.fail = code
+    response = client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
+    assert response.status_code == status
+    error = response.get_json()["error"]
+    assert f"127.0.0.1:{port}" in error and code.name in error
+    assert "frame.cc" not in error and "Traceback" not in error  # the first line of the details only
+    fake.fail = None
+    response = client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
+    assert response.status_code == 200
+
+
+def test_a_slow_tf_serving_is_a_504(upstream, make_client):
+    fake, port = upstream
+    client = make_client(tfserving_timeout_s=0.3)
+    fake.delay = 5.0
+    started = time.monotonic()
+    response = client.post("/v2/models/cifar10/infer", json={"inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": PIXELS[0].reshape(-1).tolist()}]})
+    assert response.status_code == 504 and time.monotonic() - started < 3
+    error = response.get_json()["error"]
+    assert f"127.0.0.1:{port}" in error and "DEADLINE_EXCEEDED" in error
+    fake.release.set()
+    fake.delay = 0.0
+    assert client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]}).status_code == 200
+
+
+def test_tf_serving_gone_is_a_503_not_a_500(signature, make_client):
+    fake = FakeTFServing(signature)
+    server, port = start_server(fake)
+    try:
+        client = make_client(port=port)
+        assert wait_for(client, "/readyz", 200).status_code == 200
+        assert client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]}).status_code == 200
+    finally:
+        server.stop(grace=None).wait()
+    response = client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
+    assert response.status_code == 503
+    assert f"127.0.0.1:{port}" in response.get_json()["error"]
+    assert wait_for(client, "/readyz", 503).status_code == 503
+    assert client.get("/healthz").status_code == 200
