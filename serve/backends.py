@@ -97,6 +97,7 @@ class InProcess:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=60)
 
 
 def create(settings: Settings):

@@ -23,8 +23,10 @@ from serve.settings import Settings
 log = logging.getLogger("serve")
 
 SIGNATURE, INPUT, OUTPUT = "serving_default", "images", "probabilities"
-# gRPC refuses messages over 4 MB by default: about 1360 uint8 images. Batched
-# requests may be larger, so both directions get room for ~20k images.
+# gRPC refuses to *receive* messages over 4 MB by default (sending is
+# unbounded). TF Serving lifts its own receive limit to 2 GB, so a batch of
+# ~1400+ images (3 KB each) gets through; we lift ours for large answers, and
+# bound what we send at the same 64 MiB (~21k images) rather than not at all.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DT_UINT8, DT_FLOAT = 4, 1  # tensorflow/core/framework/types.proto
 
@@ -121,6 +123,8 @@ class TFServing:
         try:
             response = self._status(request, timeout=self.timeout)
         except grpc.RpcError as exc:
+            if self._stop.is_set():  # close() cancelled this poll
+                return
             # Not reachable, or the model unknown to it: not ready, until a poll says otherwise.
             error = str(self._error(exc, "GetModelStatus"))
             if error != self.last_error:

@@ -24,6 +24,27 @@ from serve.app import create_app
 from serve.settings import Settings
 
 PIXELS = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+OPEN_APPS = []
+
+
+def make_app(settings):
+    app = create_app(settings)
+    OPEN_APPS.append(app)
+    return app
+
+
+def close(app):
+    app.extensions["predictor"].backend.close()
+
+
+@pytest.fixture(autouse=True)
+def close_apps():
+    """Stop each test's model watchers: a watcher left running would load
+    models beside later tests (and poll storage whose settings are gone)."""
+    before = len(OPEN_APPS)
+    yield
+    while len(OPEN_APPS) > before:
+        close(OPEN_APPS.pop())
 
 
 def publish(base, net=None) -> str:
@@ -63,7 +84,8 @@ def client(base):
     app = create_app(Settings(model_uri=str(base), poll_seconds=0.2))
     c = app.test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
-    return c
+    yield c
+    close(app)
 
 
 def test_health_and_readiness(client, tmp_path):
@@ -73,7 +95,7 @@ def test_health_and_readiness(client, tmp_path):
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/v2/models/cifar10/ready").json == {"name": "cifar10", "ready": True}
     # With no model yet: alive but not ready, on both protocols.
-    empty = create_app(Settings(model_uri=str(tmp_path / "cifar10"), poll_seconds=0.2)).test_client()
+    empty = make_app(Settings(model_uri=str(tmp_path / "cifar10"), poll_seconds=0.2)).test_client()
     assert empty.get("/healthz").status_code == 200
     assert empty.get("/readyz").status_code == 503
     assert empty.get("/v2/health/ready").status_code == 503
@@ -163,7 +185,7 @@ def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(client, method, pa
 def test_limits_api_keys_cors_and_request_ids(base):
     settings = Settings(model_uri=str(base), max_body_bytes=4096, max_instances=2, api_keys=["k1", "k2"],
                         cors_origins=["https://app.example"], poll_seconds=0.2)
-    c = create_app(settings).test_client()
+    c = make_app(settings).test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
     ok = {"X-API-Key": "k2"}
     assert c.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:1].tolist()}).status_code == 401
@@ -181,7 +203,7 @@ def test_limits_api_keys_cors_and_request_ids(base):
 
 
 def test_instances_over_the_limit_are_refused(base):
-    c = create_app(Settings(model_uri=str(base), max_instances=2, poll_seconds=0.2)).test_client()
+    c = make_app(Settings(model_uri=str(base), max_instances=2, poll_seconds=0.2)).test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
     answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:3].tolist()})
     assert answer.status_code == 400 and "at most 2" in answer.json["error"]
@@ -204,7 +226,7 @@ def live_server(tmp_path):
     """The app on a real socket, for concurrent clients; a fresh model base it can watch."""
     base = tmp_path / "cifar10"
     publish(base)
-    app = create_app(Settings(model_uri=str(base), poll_seconds=0.2, max_batch_size=16, batch_timeout_ms=5))
+    app = make_app(Settings(model_uri=str(base), poll_seconds=0.2, max_batch_size=16, batch_timeout_ms=5))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
@@ -288,7 +310,7 @@ def test_a_model_on_s3_is_served(s3, tmp_path):
     export.export(net, remote, "cifar10", {}, PIXELS)  # version 1, published with its marker
 
     boto3.client("s3").put_object(Bucket=s3, Key="models/cifar10/7/saved_model.pb", Body=b"half-uploaded")
-    c = create_app(Settings(model_uri=f"{remote}/cifar10", poll_seconds=0.2, cache_dir=str(tmp_path / "cache")))
+    c = make_app(Settings(model_uri=f"{remote}/cifar10", poll_seconds=0.2, cache_dir=str(tmp_path / "cache")))
     c = c.test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
     assert c.get("/readyz").json["version"] == 1  # 7 has no completion marker

@@ -39,6 +39,7 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         self.fail: grpc.StatusCode | None = None
         self.delay = 0.0
         self.float_val = False  # answer in float_val instead of tensor_content
+        self.padding = 0  # bytes of an extra output, to make the answer large
         self.release = threading.Event()  # ends a delay early, so teardown never waits on it
 
     def Predict(self, request, context):
@@ -60,6 +61,8 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
             out.float_val.extend(probabilities.reshape(-1).tolist())
         else:
             out.CopyFrom(tf.make_tensor_proto(probabilities))
+        if self.padding:
+            response.outputs["padding"].CopyFrom(tf.make_tensor_proto(np.zeros(self.padding, np.uint8)))
         return response
 
     def GetModelStatus(self, request, context):
@@ -198,6 +201,17 @@ def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signatu
     probabilities, loaded = backend.predict(batch)
     assert probabilities.shape == (1500, 10) and probabilities.dtype == np.float32 and loaded.version == 1
     np.testing.assert_allclose(probabilities[:5], expected(signature, batch[:5]), rtol=0, atol=1e-6)
+
+
+def test_an_answer_larger_than_grpcs_default_4mb_is_received(upstream, make_client, signature):
+    # gRPC's 4 MB default limits what a channel receives; with it this would be RESOURCE_EXHAUSTED.
+    fake, _ = upstream
+    fake.padding = 5 * 1024 * 1024
+    client = make_client()
+    response = client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
+    assert response.status_code == 200, response.get_json()
+    got = np.array([response.get_json()["predictions"][0]["probabilities"]])
+    np.testing.assert_allclose(got, expected(signature, PIXELS[:1]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("code, status", [
