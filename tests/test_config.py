@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from pydantic import ValidationError
 import yaml
 
 from job.config import Config, load_config
@@ -64,7 +65,7 @@ def test_an_empty_file_means_defaults(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
@@ -263,7 +264,8 @@ def test_lr_schedule_naming_another_schedule_replaces_the_file_one(tmp_path):
 
 def test_lr_schedule_set_name_overrides_file_name_keeping_set_parameters(tmp_path):
     path = write(tmp_path, "train:\n  lr_schedule: exponential\n")
-    schedule = load_config(path, ["train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=1"]).train.lr_schedule
+    overrides = ["train.lr_schedule.name=cosine", "train.lr_schedule.warmup_epochs=1"]
+    schedule = load_config(path, overrides).train.lr_schedule
     assert (schedule.name, schedule.warmup_epochs) == ("cosine", 1.0)
 
 
