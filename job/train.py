@@ -90,7 +90,10 @@ def run(cfg: Config, console: Console) -> Result:
     lease = Lease(cfg.checkpoint.uri, cfg.checkpoint.lease_seconds, console.info)
     lease.acquire()
     try:
-        return _run(cfg, console, store, lease)
+        # From the start, so that a SIGTERM while data loads still ends in
+        # a committed checkpoint and exit 75 at the first step boundary.
+        with _SigtermFlag() as sigterm:
+            return _run(cfg, console, store, lease, sigterm)
     finally:
         # Commits already queued are good checkpoints: give them the grace
         # budget to land, whatever ended the run.
@@ -101,7 +104,7 @@ def run(cfg: Config, console: Console) -> Result:
         lease.release()
 
 
-def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease) -> Result:
+def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, sigterm: _SigtermFlag) -> Result:
     latest = None if cfg.checkpoint.resume == "never" else store.latest()
     if cfg.checkpoint.resume == "required" and latest is None:
         raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
@@ -147,71 +150,70 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease) ->
                             stopped_early=bool(progress.stopped_early.numpy()), **fields)
 
     first_call = None
-    with _SigtermFlag() as sigterm:
-        while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
-            epoch = int(progress.epochs_done.numpy())
-            in_epoch = int(progress.step.numpy()) - epoch * spe
-            if in_epoch == 0:
-                trainer.reset_sums()
-            iterator = iter(stream.epoch(epoch, in_epoch))
-            epoch_images, epoch_seconds = 0, 0.0
-            while in_epoch < spe and int(progress.step.numpy()) < target:
-                step = int(progress.step.numpy())
-                # Chunks end on checkpoint boundaries so checkpoints land on
-                # the same steps however steps_per_loop is set.
-                n = min(cfg.train.steps_per_loop, spe - in_epoch, target - step,
-                        cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
-                started = time.perf_counter()
-                loss = float(trainer.train_loop(iterator, tf.constant(n)))
-                elapsed = time.perf_counter() - started
-                if first_call is None:
-                    # The first call traces and compiles; counting it would
-                    # report the compiler's speed rather than training's,
-                    # unless it is all an epoch has.
-                    first_call = (n * cfg.train.batch_size, elapsed)
-                    console.info(f"compiled the training step in {elapsed:.1f}s")
-                else:
-                    epoch_images += n * cfg.train.batch_size
-                    epoch_seconds += elapsed
-                if not math.isfinite(loss):
-                    raise DivergedError(
-                        f"loss became {loss} at step {step + n}; stopping without checkpointing it "
-                        f"(last committed checkpoint: step {record.get('step', 'none')}). "
-                        f"Try a lower train.learning_rate.")
-                progress.step.assign_add(n)
-                in_epoch += n
-                step += n
-                if step % cfg.train.log_every_steps < n or in_epoch == spe:
-                    tl, ta = trainer.train_averages()
-                    console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=in_epoch,
-                                     steps_per_epoch=spe, step=step, loss=tl, accuracy=ta,
-                                     images_per_second=epoch_images / max(epoch_seconds, 1e-9))
-                    history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
-                                             "train/learning_rate": float(schedule(optimizer.iterations))})
-                if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
-                    commit()
-                if sigterm.raised:
-                    commit()
-                    _preempted(store, cfg, step)
-            if in_epoch < spe:
-                break  # max_steps reached inside the epoch
-            if epoch_images == 0 and first_call is not None:
-                epoch_images, epoch_seconds = first_call
-            tl, ta = trainer.train_averages()
-            vl, va = trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
-            fields = {}
-            if val_ds is not None:
-                fields.update(_after_validation(cfg, progress, schedule, vl, va, step, console))
-            progress.epochs_done.assign(epoch + 1)
-            commit(**fields)
-            entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
-                     "val_accuracy": va, "seconds": round(epoch_seconds, 3),
-                     "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
-                     "learning_rate": float(schedule(optimizer.iterations))}
-            history.add_epoch(entry)
-            console.epoch_end(entry)
+    while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
+        epoch = int(progress.epochs_done.numpy())
+        in_epoch = int(progress.step.numpy()) - epoch * spe
+        if in_epoch == 0:
+            trainer.reset_sums()
+        iterator = iter(stream.epoch(epoch, in_epoch))
+        epoch_images, epoch_seconds = 0, 0.0
+        while in_epoch < spe and int(progress.step.numpy()) < target:
+            step = int(progress.step.numpy())
+            # Chunks end on checkpoint boundaries so checkpoints land on
+            # the same steps however steps_per_loop is set.
+            n = min(cfg.train.steps_per_loop, spe - in_epoch, target - step,
+                    cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
+            started = time.perf_counter()
+            loss = float(trainer.train_loop(iterator, tf.constant(n)))
+            elapsed = time.perf_counter() - started
+            if first_call is None:
+                # The first call traces and compiles; counting it would
+                # report the compiler's speed rather than training's,
+                # unless it is all an epoch has.
+                first_call = (n * cfg.train.batch_size, elapsed)
+                console.info(f"compiled the training step in {elapsed:.1f}s")
+            else:
+                epoch_images += n * cfg.train.batch_size
+                epoch_seconds += elapsed
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"loss became {loss} at step {step + n}; stopping without checkpointing it "
+                    f"(last committed checkpoint: step {record.get('step', 'none')}). "
+                    f"Try a lower train.learning_rate.")
+            progress.step.assign_add(n)
+            in_epoch += n
+            step += n
+            if step % cfg.train.log_every_steps < n or in_epoch == spe:
+                tl, ta = trainer.train_averages()
+                console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=in_epoch,
+                                 steps_per_epoch=spe, step=step, loss=tl, accuracy=ta,
+                                 images_per_second=epoch_images / max(epoch_seconds, 1e-9))
+                history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
+                                         "train/learning_rate": float(schedule(optimizer.iterations))})
+            if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
+                commit()
             if sigterm.raised:
+                commit()
                 _preempted(store, cfg, step)
+        if in_epoch < spe:
+            break  # max_steps reached inside the epoch
+        if epoch_images == 0 and first_call is not None:
+            epoch_images, epoch_seconds = first_call
+        tl, ta = trainer.train_averages()
+        vl, va = trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
+        fields = {}
+        if val_ds is not None:
+            fields.update(_after_validation(cfg, progress, schedule, vl, va, step, console))
+        progress.epochs_done.assign(epoch + 1)
+        commit(**fields)
+        entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
+                 "val_accuracy": va, "seconds": round(epoch_seconds, 3),
+                 "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
+                 "learning_rate": float(schedule(optimizer.iterations))}
+        history.add_epoch(entry)
+        console.epoch_end(entry)
+        if sigterm.raised:
+            _preempted(store, cfg, step)
 
     step = int(progress.step.numpy())
     if int(record.get("step", -1)) != step:
