@@ -10,8 +10,34 @@ import os
 import sys
 
 
+def sync_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cifar-serve sync",
+                                     description="Mirror complete model versions into a folder TF Serving watches.")
+    parser.add_argument("--from", dest="source", required=True, help="the model base: <export.uri>/<model_name>")
+    parser.add_argument("--to", dest="dest", required=True, help="the local folder TF Serving's model_base_path is")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between checks (default 10)")
+    parser.add_argument("--once", action="store_true", help="copy what is there now and exit")
+    args = parser.parse_args(argv)
+    import logging
+    from pathlib import Path
+
+    from serve import sync
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        sync.run(args.source, Path(args.dest), args.every, args.once)
+    except Exception as exc:
+        print(f"cifar-serve sync: error: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cifar-serve", description="Serve the exported CIFAR-10 model over HTTP.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sync"]:
+        return sync_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="cifar-serve", description="Serve the exported CIFAR-10 model over HTTP.",
+                                     epilog="`cifar-serve sync --help`: mirror versions for TF Serving.")
     parser.add_argument("--model-uri", help="<export.uri>/<model_name>, local or s3:// (env SERVE_MODEL_URI)")
     parser.add_argument("--port", type=int, help="port (env SERVE_PORT, default 8080)")
     parser.add_argument("--host", help="address to bind (env SERVE_HOST, default 0.0.0.0)")

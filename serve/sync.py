@@ -1,0 +1,55 @@
+"""`cifar-serve sync`: mirror complete model versions from object storage
+into a local folder that TF Serving watches.
+
+TF Serving 2.7 and later cannot read s3:// (tensorflow/serving#1963,
+#2062), and it fails on a version directory it finds half-written
+(tensorflow/serving#631). So each version is downloaded under a hidden name
+and renamed into place: TF Serving sees a version whole or not at all.
+Used by docker-compose and as a Kubernetes sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from serve import models
+
+log = logging.getLogger("serve.sync")
+
+
+def sync_once(source: str, dest: Path) -> list[int]:
+    """Copy the versions under `source` that `dest` lacks; returns those copied."""
+    dest.mkdir(parents=True, exist_ok=True)
+    have = {int(p.name) for p in dest.iterdir() if p.name.isdigit()}
+    copied = []
+    for version in models.versions(source):
+        if version in have:
+            continue
+        staging = dest / f".sync-{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        downloaded = models.local_path(source, version, str(staging))
+        if Path(downloaded).resolve() == (Path(source) / str(version)).resolve():
+            shutil.copytree(downloaded, staging / "v")  # a local source: copy, never move, the original
+            downloaded = staging / "v"
+        os.rename(downloaded, dest / str(version))
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("synced version %d of %s into %s", version, source, dest)
+        copied.append(version)
+    return copied
+
+
+def run(source: str, dest: Path, every: float, once: bool) -> None:
+    while True:
+        try:
+            sync_once(source, dest)
+        except Exception as exc:  # an outage: try again next round rather than exit the sidecar
+            if once:
+                raise
+            log.warning("sync from %s failed: %s", source, exc)
+        if once:
+            return
+        time.sleep(every)

@@ -1,0 +1,35 @@
+"""`cifar-serve sync`: complete versions only, each appearing whole."""
+
+import subprocess
+import sys
+
+import boto3
+import numpy as np
+
+from job import export, model
+from serve.sync import sync_once
+
+PIXELS = np.zeros((2, 32, 32, 3), np.uint8)
+
+
+def test_local_versions_are_copied_once_and_whole(tmp_path):
+    net = model.build("simple_cnn")
+    export.export(net, str(tmp_path / "export"), "cifar10", {}, PIXELS)
+    (tmp_path / "export" / "cifar10" / ".staging-x").mkdir()  # an export in progress
+    dest = tmp_path / "tfserving" / "cifar10"
+    assert sync_once(str(tmp_path / "export" / "cifar10"), dest) == [1]
+    assert (dest / "1" / "saved_model.pb").is_file() and (tmp_path / "export" / "cifar10" / "1").is_dir()
+    export.export(net, str(tmp_path / "export"), "cifar10", {}, PIXELS)
+    assert sync_once(str(tmp_path / "export" / "cifar10"), dest) == [2]
+    assert sorted(p.name for p in dest.iterdir()) == ["1", "2"]
+
+
+def test_s3_versions_without_their_marker_are_left_alone(s3, tmp_path):
+    export.export(model.build("simple_cnn"), f"s3://{s3}/models", "cifar10", {}, PIXELS)
+    boto3.client("s3").put_object(Bucket=s3, Key="models/cifar10/2/saved_model.pb", Body=b"half")
+    dest = tmp_path / "models" / "cifar10"
+    done = subprocess.run([sys.executable, "-m", "serve", "sync", "--from", f"s3://{s3}/models/cifar10",
+                           "--to", str(dest), "--once"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["1"]
+    assert (dest / "1" / "variables").is_dir()
