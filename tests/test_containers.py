@@ -1,0 +1,85 @@
+"""The Dockerfiles and compose file, checked statically (no Docker engine
+here): linted, parsed, and their commands checked against the code."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HADOLINT = Path(sys.executable).with_name("hadolint")
+
+
+def compose_config() -> dict:
+    if not shutil.which("docker-compose"):
+        pytest.skip("needs Debian's docker-compose package")
+    done = subprocess.run(["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_compose_validates_with_every_override():
+    if not shutil.which("docker-compose"):
+        pytest.skip("needs Debian's docker-compose package")
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"],
+                  ["docker-compose.yml", "docker-compose.console.yml"]):
+        args = sum((["-f", f] for f in files), [])
+        done = subprocess.run(["docker-compose", *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, (files, done.stderr)
+
+
+def test_compose_topology():
+    services = compose_config()["services"]
+    assert {"minio", "train", "tfserving", "serve"} <= set(services)
+    assert "healthcheck" in services["minio"]
+    assert services["train"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert [name for name, s in services.items() if s.get("ports")] == ["serve"]
+    assert services["serve"]["environment"]["SERVE_BACKEND"] == "tfserving"
+    assert "curl" not in json.dumps(services["tfserving"]["healthcheck"])  # the official image has none
+
+
+def test_compose_commands_match_the_code(tmp_path):
+    services = compose_config()["services"]
+    # The training command resolves the shipped config (check-config runs the same parser and validation).
+    train = services["train"]["command"]
+    assert train[0] == "train"
+    env = {**services["train"]["environment"]}
+    done = subprocess.run([sys.executable, "-m", "job", "check-config", *train[1:]], cwd=ROOT, capture_output=True,
+                          text=True, env={**env, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["checkpoint"]["uri"].startswith("s3://cifar/") and resolved["export"]["uri"].startswith("s3://")
+    # The sync sidecar fills the folder TF Serving's model config names, for the model the job exports.
+    sync = services["model-sync"]["command"]
+    source, dest = sync[sync.index("--from") + 1], sync[sync.index("--to") + 1]
+    assert source == f"{resolved['export']['uri']}/{resolved['export']['model_name']}"
+    models_config = (ROOT / "infra" / "tfserving" / "models.config").read_text()
+    assert f'base_path: "{dest}"' in models_config and f'name: "{resolved["export"]["model_name"]}"' in models_config
+    assert services["serve"]["environment"]["SERVE_MODEL_NAME"] == resolved["export"]["model_name"]
+    help_text = subprocess.run([sys.executable, "-m", "serve", "sync", "--help"], capture_output=True, text=True)
+    assert "--from" in help_text.stdout and "--to" in help_text.stdout and "--every" in help_text.stdout
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.train", "Dockerfile.serve"])
+def test_dockerfiles_lint_clean_and_end_as_a_non_root_user(dockerfile):
+    done = subprocess.run([str(HADOLINT), dockerfile], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (ROOT / dockerfile).read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert not re.search(r"(AWS_SECRET|PASSWORD|TOKEN)\w*\s*=", text)
+
+
+def test_serve_image_ships_no_training_code_and_checks_its_health():
+    text = (ROOT / "Dockerfile.serve").read_text()
+    assert "COPY job" not in text and "HEALTHCHECK" in text and "/healthz" in text and "EXPOSE 8080" in text
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs", "tests"} <= set(ignored)
