@@ -335,7 +335,7 @@ def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
         def ready():
             try:
                 return requests.get(url + "/readyz", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:
                 return False
 
         wait_until(ready, timeout=90)
