@@ -1,0 +1,60 @@
+"""The Kubernetes manifests, parsed and checked against the code they run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from job.errors import ConfigError, DataError, DivergedError, Preempted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def docs(name):
+    return list(yaml.safe_load_all((ROOT / "infra" / "k8s" / name).read_text()))
+
+
+def test_training_job_retries_disruptions_and_fails_fast_on_bad_config():
+    (job,) = docs("train-job.yaml")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    by_action = {r["action"]: r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r}
+    assert by_action["Ignore"] == [Preempted.exit_code]
+    assert set(by_action["FailJob"]) == {ConfigError.exit_code, DataError.exit_code, DivergedError.exit_code}
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"]
+    # The container's args are a valid command line of the job.
+    done = subprocess.run([sys.executable, "-m", "job", "check-config", *container["args"][1:]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert container["args"][0] == "train" and done.returncode == 0, done.stderr
+    from job.config import Checkpoint
+
+    assert pod["terminationGracePeriodSeconds"] > Checkpoint().grace_seconds
+
+
+def test_service_probes_are_routes_the_service_has():
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    deployment, service = docs("serve.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    app = create_app(Settings(backend="tfserving", tfserving_address="127.0.0.1:9", poll_seconds=60))
+    rules = {r.rule for r in app.url_map.iter_rules()}
+    app.extensions["predictor"].backend.close()
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in rules
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in rules
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SERVE_TFSERVING_ADDRESS"] == "tfserving:8500"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_tfserving_sidecar_fills_the_folder_tfserving_reads():
+    deployment, service = docs("tfserving.yaml")
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    sync = containers["model-sync"]["args"]
+    assert containers["model-sync"]["command"] == ["cifar-serve", "sync"]
+    models_config = (ROOT / "infra" / "tfserving" / "models.config").read_text()
+    assert f'base_path: "{sync[sync.index("--to") + 1]}"' in models_config
+    assert service["spec"]["ports"][0]["port"] == 8500
