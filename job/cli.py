@@ -1,4 +1,4 @@
-"""`cifar-job`: train, check-config, evaluate.
+"""`cifar-job`: train, check-config, evaluate, submit.
 
 Errors the user can act on print one line naming what is wrong and exit with
 the contract's code (2 config, 3 data, 4 storage, 5 diverged, 75 preempted);
@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from job.errors import JobError
+from job.errors import JobError, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", parents=[with_config], help="score an exported model on the test split")
     ev.add_argument("--model", required=True, metavar="URI",
                     help="a version directory, or <export.uri>/<model_name> for its highest version")
+
+    submit = sub.add_parser("submit", help="submit a training run to a cloud batch service")
+    targets = submit.add_subparsers(dest="target", required=True)
+    batch = targets.add_parser("aws-batch", parents=[with_config],
+                               help="register an AWS Batch job definition and submit the job (boto3's settings)")
+    batch.add_argument("--job-queue", required=True, metavar="QUEUE", help="job queue name or ARN")
+    batch.add_argument("--image", required=True, metavar="IMAGE", help="the training image (entrypoint cifar-job)")
+    batch.add_argument("--job-name", metavar="NAME", help="default: <export.model_name>-<UTC time>")
+    batch.add_argument("--job-role-arn", metavar="ARN", help="IAM role the container runs as (S3 access)")
+    batch.add_argument("--gpus", type=int, default=1, help="GPUs per attempt; 0 for CPU only (default 1)")
+    batch.add_argument("--vcpus", type=int, default=4, help="vCPUs per attempt (default 4)")
+    batch.add_argument("--memory", type=int, default=16384, metavar="MIB", help="memory in MiB (default 16384)")
+    batch.add_argument("--attempts", type=int, default=5, help="attempts, 1-10 (default 5)")
+    batch.add_argument("--timeout-hours", type=float, default=24.0, metavar="HOURS",
+                       help="limit per attempt (default 24)")
+    batch.add_argument("--dry-run", action="store_true",
+                       help="print the job definition and submit request as JSON; send nothing")
     return parser
 
 
@@ -40,21 +57,32 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from job.platform import write_failure
+
     try:
         return _dispatch(args)
     except JobError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"cifar-job: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, Preempted):
+            # Under SageMaker, the job's FailureReason; elsewhere nothing.
+            # Preemption is no failure: the job is meant to be retried.
+            write_failure(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        write_failure(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def _dispatch(args) -> int:
     from job.config import load_config
     from job.report import Console
 
+    if args.command == "submit":
+        return _submit(args)
     cfg = load_config(args.config, args.overrides)
     console = Console(args.log_format)
     if args.command == "check-config":
@@ -62,13 +90,38 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "train":
         from job import train
+        from job.platform import detect
 
+        platform = detect(os.environ)
+        if platform:
+            console.info(f"platform: {platform} (its container conventions set the config's locations)")
         console.info("resolved config:\n" + cfg.dump().rstrip(), config=cfg.model_dump(mode="json"))
         train.run(cfg, console)
         return 0
     from job import evaluate
 
     print(json.dumps(evaluate.evaluate(args.model, cfg)))
+    return 0
+
+
+def _submit(args) -> int:
+    from job import submit
+    from job.config import load_config
+
+    # Resolved here for the container, so this machine's platform (if any) stays out of it.
+    cfg = load_config(args.config, args.overrides, platform=False)
+    opts = submit.BatchOptions(
+        job_queue=args.job_queue, image=args.image, job_name=args.job_name, gpus=args.gpus, vcpus=args.vcpus,
+        memory=args.memory, attempts=args.attempts, timeout_hours=args.timeout_hours,
+        job_role_arn=args.job_role_arn,
+    )
+    opts.check()
+    for warning in submit.warnings(cfg):
+        print(f"cifar-job: warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(json.dumps(submit.dry_run(cfg, opts), indent=2))
+        return 0
+    print(json.dumps(submit.submit(cfg, opts)))
     return 0
 
 

@@ -7,6 +7,7 @@ trains with a default.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from job.errors import ConfigError
+from job.platform import platform_overrides
 
 
 class Section(BaseModel):
@@ -277,15 +279,22 @@ def describe(error: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve the config: defaults < file < environment < --set."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                platform: bool = True) -> Config:
+    """Resolve the config: defaults < file < platform < environment < --set.
+
+    The platform layer is SageMaker's or Vertex AI's container conventions
+    (job/platform.py); `platform=False` leaves it out, for a config resolved
+    here to run somewhere else (`submit`).
+    """
     file_values = read_yaml(path) if path is not None else {}
     set_values = parse_overrides(overrides or [])
     # Environment values must beat the file but lose to --set, and
     # pydantic-settings ranks init kwargs above the environment, so the file
     # and --set are merged here and the environment slotted between them.
     env_values = _environment()
-    merged = _deep_merge(_deep_merge(file_values, env_values), set_values)
+    platform_values = platform_overrides(os.environ) if platform else {}
+    merged = _deep_merge(_deep_merge(_deep_merge(file_values, platform_values), env_values), set_values)
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:

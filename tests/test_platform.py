@@ -1,0 +1,243 @@
+"""SageMaker's and Vertex AI's container conventions mapped onto the config
+(job/platform.py), their place in the precedence (file < platform <
+environment < --set), and SageMaker's failure file on a fatal error.
+
+TensorFlow-free: /opt/ml is a temporary folder here (`SAGEMAKER_ROOT`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job import cli, platform
+from job.config import load_config
+from job.errors import ConfigError, Preempted
+from job.platform import detect, platform_overrides, write_failure
+
+REPO = Path(__file__).resolve().parents[1]
+_PLATFORM_PREFIXES = ("CIFAR_", "SM_", "AIP_", "TRAINING_JOB_")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No CIFAR_*, SM_* or AIP_* variable leaks in, and /opt/ml is an empty temporary folder."""
+    for name in list(os.environ):
+        if name.upper().startswith(_PLATFORM_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(platform, "SAGEMAKER_ROOT", tmp_path / "opt-ml")
+
+
+def opt_ml(tmp_path) -> Path:
+    return tmp_path / "opt-ml"
+
+
+# --- nothing detected ---------------------------------------------------------------
+
+
+def test_no_platform_no_overrides():
+    assert detect({}) is None
+    assert platform_overrides({"HOME": "/root", "AWS_BATCH_JOB_ID": "x"}) == {}
+    assert load_config().export.uri == "runs/default/export"
+
+
+# --- SageMaker ------------------------------------------------------------------------
+
+
+def test_sagemaker_toolkit_variables(tmp_path):
+    channel = tmp_path / "training"
+    channel.mkdir()
+    environ = {"SM_MODEL_DIR": "/opt/ml/model", "SM_CHANNEL_TRAINING": str(channel),
+               "SM_CHANNEL_EVAL": "/elsewhere"}
+    assert detect(environ) == "sagemaker"
+    assert platform_overrides(environ) == {
+        "export": {"uri": "/opt/ml/model"},
+        "data": {"source": "cifar10", "uri": str(channel)},
+    }
+
+
+def test_sagemaker_takes_the_first_channel_when_none_is_called_training(tmp_path):
+    environ = {"SM_MODEL_DIR": "/m", "SM_CHANNEL_TRAIN": "/data/train", "SM_CHANNEL_CIFAR": "/data/cifar"}
+    assert platform_overrides(environ)["data"] == {"source": "cifar10", "uri": "/data/cifar"}
+
+
+def test_a_channel_holding_one_archive_means_the_archive(tmp_path):
+    channel = tmp_path / "training"
+    channel.mkdir()
+    (channel / "cifar-10-binary.tar.gz").write_bytes(b"")
+    environ = {"SM_MODEL_DIR": "/m", "SM_CHANNEL_TRAINING": str(channel)}
+    assert platform_overrides(environ)["data"]["uri"] == str(channel / "cifar-10-binary.tar.gz")
+    (channel / "data_batch_1.bin").write_bytes(b"")
+    assert platform_overrides(environ)["data"]["uri"] == str(channel)
+
+
+def test_sagemaker_without_the_toolkit_uses_its_fixed_paths(tmp_path):
+    root = opt_ml(tmp_path)
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text("{}")
+    (root / "input" / "data" / "training").mkdir(parents=True)
+    (root / "checkpoints").mkdir()
+    assert detect({}) == "sagemaker"
+    cfg = load_config()
+    assert cfg.export.uri == str(root / "model")
+    assert cfg.checkpoint.uri == str(root / "checkpoints")
+    assert (cfg.data.source, cfg.data.uri) == ("cifar10", str(root / "input" / "data" / "training"))
+
+
+def test_no_checkpoint_folder_leaves_checkpoint_uri_alone(tmp_path):
+    assert "checkpoint" not in platform_overrides({"SM_MODEL_DIR": "/m"})
+
+
+def test_sagemaker_hyperparameters_are_typed_config_keys(tmp_path):
+    root = opt_ml(tmp_path)
+    (root / "input" / "config").mkdir(parents=True)
+    # SageMaker passes every hyperparameter as a string; its SDK and tuner add keys of their own.
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({
+        "train.epochs": "3", "train.learning_rate": "0.01", "data.augment": "true", "seed": "7",
+        "train.lr_schedule": "cosine", "sagemaker_region": '"us-east-1"', "_tuning_objective_metric": "acc",
+    }))
+    cfg = load_config()
+    assert (cfg.train.epochs, cfg.train.learning_rate, cfg.data.augment, cfg.seed) == (3, 0.01, True, 7)
+    assert cfg.train.lr_schedule.name == "cosine"
+
+
+def test_sagemaker_hyperparameters_from_sm_hps(monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", "/m")
+    monkeypatch.setenv("SM_HPS", json.dumps({"train.batch_size": "32"}))
+    assert load_config().train.batch_size == 32
+
+
+def test_an_unknown_hyperparameter_is_a_config_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", "/m")
+    monkeypatch.setenv("SM_HPS", json.dumps({"epochs": "3"}))
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config()
+
+
+def test_unreadable_hyperparameters_are_a_config_error(monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", "/m")
+    monkeypatch.setenv("SM_HPS", "{not json")
+    with pytest.raises(ConfigError, match="hyperparameters"):
+        load_config()
+
+
+# --- Vertex AI ------------------------------------------------------------------------
+
+
+def test_vertex_output_directories_through_the_gcs_mount():
+    environ = {"AIP_MODEL_DIR": "gs://bucket/run-7/model/", "AIP_CHECKPOINT_DIR": "gs://bucket/run-7/checkpoints/"}
+    assert detect(environ) == "vertex"
+    assert platform_overrides(environ) == {
+        "export": {"uri": "/gcs/bucket/run-7/model"},
+        "checkpoint": {"uri": "/gcs/bucket/run-7/checkpoints"},
+    }
+
+
+def test_vertex_local_paths_pass_through():
+    assert platform_overrides({"AIP_CHECKPOINT_DIR": "/mnt/ckpt/"}) == {"checkpoint": {"uri": "/mnt/ckpt"}}
+
+
+# --- precedence -----------------------------------------------------------------------
+
+
+def test_platform_beats_the_file_and_loses_to_environment_and_set(tmp_path, monkeypatch):
+    path = tmp_path / "job.yaml"
+    path.write_text("export:\n  uri: /from/file\ncheckpoint:\n  uri: /from/file/ckpt\ntrain:\n  epochs: 4\n")
+    monkeypatch.setenv("AIP_MODEL_DIR", "gs://b/model")
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", "gs://b/ckpt")
+    cfg = load_config(path)
+    assert (cfg.export.uri, cfg.checkpoint.uri, cfg.train.epochs) == ("/gcs/b/model", "/gcs/b/ckpt", 4)
+
+    monkeypatch.setenv("CIFAR_EXPORT__URI", "s3://from-env/export")
+    cfg = load_config(path, ["checkpoint.uri=s3://from-set/ckpt"])
+    assert (cfg.export.uri, cfg.checkpoint.uri) == ("s3://from-env/export", "s3://from-set/ckpt")
+
+
+def test_hyperparameters_lose_to_environment_and_set(monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", "/m")
+    monkeypatch.setenv("SM_HPS", json.dumps({"train.epochs": "3", "train.batch_size": "32"}))
+    monkeypatch.setenv("CIFAR_TRAIN__EPOCHS", "5")
+    cfg = load_config(None, ["train.batch_size=16"])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (5, 16)
+
+
+def test_platform_false_leaves_the_platform_out(monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", "/opt/ml/model")
+    assert load_config().export.uri == "/opt/ml/model"
+    assert load_config(platform=False).export.uri == "runs/default/export"
+
+
+# --- SageMaker's failure file ---------------------------------------------------------
+
+
+def test_write_failure_under_sagemaker(tmp_path):
+    out = tmp_path / "output"
+    write_failure("x" * 5000, environ={"SM_OUTPUT_DIR": str(out)})
+    assert (out / "failure").read_text() == "x" * 1024 + "\n"  # SageMaker shows the first 1024 characters
+
+    root = opt_ml(tmp_path)
+    write_failure("boom", environ={"SM_MODEL_DIR": "/m"})
+    assert (root / "output" / "failure").read_text() == "boom\n"
+
+
+def test_write_failure_elsewhere_writes_nothing(tmp_path):
+    write_failure("boom", environ={})
+    assert not opt_ml(tmp_path).exists()
+
+
+def test_write_failure_never_raises(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    write_failure("boom", environ={"SM_OUTPUT_DIR": str(blocker / "sub")})
+
+
+def _cli(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(_PLATFORM_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return subprocess.run([sys.executable, "-m", "job", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_config_error_under_sagemaker_leaves_the_failure_file(tmp_path):
+    out = tmp_path / "output"
+    proc = _cli(tmp_path, "check-config", "--set", "train.epochs=0",
+                SM_MODEL_DIR=str(tmp_path / "model"), SM_OUTPUT_DIR=str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "train.epochs" in (out / "failure").read_text()
+
+
+def test_check_config_under_sagemaker_shows_the_mapped_locations(tmp_path):
+    proc = _cli(tmp_path, "check-config", SM_MODEL_DIR="/opt/ml/model", SM_CHANNEL_TRAINING="/opt/ml/input/data/t",
+                SM_OUTPUT_DIR=str(tmp_path / "output"))
+    assert proc.returncode == 0, proc.stderr
+    assert "uri: /opt/ml/model" in proc.stdout and "source: cifar10" in proc.stdout
+    assert not (tmp_path / "output" / "failure").exists()
+
+
+def test_no_failure_file_for_a_preempted_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path))
+
+    def preempted(args):
+        raise Preempted("stopped by SIGTERM after committing checkpoint 40")
+
+    monkeypatch.setattr(cli, "_dispatch", preempted)
+    assert cli.main(["check-config"]) == 75
+    assert not (tmp_path / "failure").exists()
+
+
+def test_an_unexpected_error_leaves_the_failure_file_and_keeps_its_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path))
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_dispatch", bug)
+    with pytest.raises(RuntimeError):
+        cli.main(["check-config"])
+    assert (tmp_path / "failure").read_text() == "RuntimeError: a bug\n"
