@@ -72,7 +72,9 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     @app.before_request
     def _start():
         g.started = time.perf_counter()
-        g.request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+        # A client's id is echoed in a header and the log: printable ASCII only, so it can split neither.
+        given = "".join(c for c in request.headers.get("X-Request-ID", "")[:128] if " " < c < "\x7f")
+        g.request_id = given or uuid.uuid4().hex
         if settings.api_keys and request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
             given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix(
                 "Bearer ")

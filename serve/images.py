@@ -28,13 +28,20 @@ def decode(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("PNG", "JPEG"):
                 raise BadInput(f"expected a PNG or JPEG image, got {image.format or 'an unknown format'}")
+            # Pillow itself only refuses above twice MAX_IMAGE_PIXELS (it merely warns in between).
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise BadInput(f"the image is {image.width}x{image.height} pixels; "
+                               f"at most {Image.MAX_IMAGE_PIXELS} pixels are decoded")
             image = image.convert("RGB")
             if image.size != (SIZE, SIZE):
                 image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(image, dtype=np.uint8)
     except BadInput:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # Pillow's own message shows the repr of a BytesIO object
+        raise BadInput("cannot decode the image: it is not a PNG or JPEG file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # Pillow raises SyntaxError for some corrupt PNGs (e.g. a garbage chunk type after the first IDAT).
         raise BadInput(f"cannot decode the image: {exc}") from None
 
 
@@ -53,7 +60,7 @@ def from_nested(value, where: str) -> np.ndarray:
     """A 32x32x3 nested list of numbers in 0..255 -> uint8 [32, 32, 3]."""
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float64's range
         raise BadInput(f"{where}: expected a 32x32x3 nested list of numbers") from None
     if array.shape != (SIZE, SIZE, 3):
         raise BadInput(f"{where}: expected shape [32, 32, 3], got {list(array.shape)}")

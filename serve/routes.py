@@ -4,6 +4,7 @@ Protocol v2, image upload, and the page, metrics and OpenAPI document."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
@@ -36,7 +37,10 @@ def _check_name(name: str) -> None:
 
 def _body(model):
     """The JSON body validated against `model`, or a 400 that says what is wrong."""
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # `silent` only covers ValueError; JSON nested ~1000 deep ends here
+        data = None
     if data is None:
         raise BadInput("the body must be JSON (Content-Type: application/json)")
     try:
@@ -159,11 +163,11 @@ def v2_infer(name, version=None):
         raw, binary = raw[:split], raw[split:]
     try:
         body = schemas.V2InferRequest.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInput("the inference header must be JSON") from None
-    except ValidationError as exc:
+    except ValidationError as exc:  # first: pydantic's ValidationError is a ValueError too
         first = exc.errors()[0]
         raise BadInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply, or a >4300-digit integer
+        raise BadInput("the inference header must be JSON") from None
     tensor = next((t for t in body.inputs if t.name == INPUT), None)
     if tensor is None or len(body.inputs) != 1:
         raise BadInput(f"expected exactly one input, named {INPUT!r}")
@@ -172,10 +176,10 @@ def v2_infer(name, version=None):
     shape = tensor.shape
     if len(shape) != 4 or shape[1:] != [32, 32, 3] or shape[0] < 1:
         raise BadInput(f"input {INPUT!r} must have shape [N, 32, 32, 3], got {shape}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around at 2**63
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
-        if size != count or len(binary) < size:
+        if type(size) is not int or size != count or len(binary) < size:
             raise BadInput(f"binary_data_size {size} does not match shape {shape} or the body")
         batch = np.frombuffer(binary[:size], dtype=np.uint8).reshape(shape)
     else:
@@ -184,7 +188,7 @@ def v2_infer(name, version=None):
         flat = np.asarray(tensor.data, dtype=object).reshape(-1) if tensor.data else np.array([])
         try:
             values = np.asarray(flat.tolist(), dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BadInput(f"input {INPUT!r}: data must be numbers") from None
         if values.size != count:
             raise BadInput(f"input {INPUT!r}: {values.size} values for shape {shape}")

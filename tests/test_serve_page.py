@@ -1,0 +1,198 @@
+"""The upload page at `/`, driven in a real headless browser (Debian's
+chromium and chromium-driver, through selenium) against the service
+listening on 127.0.0.1: a person picks an image and sees the label the
+model gives it, with the top-5 classes; a file that is not an image shows
+the service's error."""
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+NAME = "cifar10"
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (_executable(CHROMIUM) and _executable(CHROMEDRIVER)):
+        pytest.skip("needs Debian packages chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=900,1100",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def version_dir(tmp_path_factory):
+    from job import export, model
+
+    _, uri = export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("m")), NAME, {},
+                           np.zeros((4, 32, 32, 3), np.uint8))
+    return Path(uri)
+
+
+@pytest.fixture(scope="module")
+def server(browser, version_dir):
+    """The service on 127.0.0.1 (a free port), served for real by werkzeug; yields its base URL."""
+    from werkzeug.serving import make_server
+
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    app = create_app(Settings(model_uri=str(version_dir.parent), poll_seconds=0.2))
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="serve-page-test", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        assert time.monotonic() < deadline, "/readyz did not answer 200 within 60s"
+        time.sleep(0.1)
+    yield url
+    httpd.shutdown()
+    thread.join(timeout=10)
+    app.extensions["predictor"].backend.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The page, freshly loaded."""
+    browser.get(f"{server}/")
+    assert browser.title == "CIFAR-10 classifier"
+    return browser
+
+
+def post_image(url: str, data: bytes) -> dict:
+    request = urllib.request.Request(f"{url}/predict", data=data, headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def savedmodel_label(version_dir: Path, image_path: Path) -> str:
+    """What the exported SavedModel itself says, for the image resized to 32x32 the way the service does."""
+    import tensorflow as tf
+
+    with Image.open(image_path) as image:
+        small = image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=None)
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    probabilities = signature(images=tf.constant(np.asarray(small, np.uint8)[None]))["probabilities"].numpy()[0]
+    labels = (version_dir / "assets" / "labels.txt").read_text().split()
+    return labels[int(np.argmax(probabilities))]
+
+
+def wait_for_text(driver, element_id: str, timeout: float = 30) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, element_id).text.strip())
+
+
+def test_uploading_an_image_shows_the_models_label_and_top_five(page, server, version_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    rng = np.random.default_rng(3)
+    pixels = np.clip(np.linspace(0, 255, 64)[None, :, None] + rng.normal(0, 40, (64, 64, 3)), 0, 255)
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(image_path)
+
+    page.find_element(By.ID, "file").send_keys(str(image_path))
+    shown = wait_for_text(page, "label")
+
+    answer = post_image(server, image_path.read_bytes())
+    assert shown == answer["predictions"][0]["label"]
+    assert shown == savedmodel_label(version_dir, image_path)
+
+    rows = page.find_elements(By.CSS_SELECTOR, "#classes .row")
+    assert len(rows) == 5
+    for row, expected in zip(rows, answer["predictions"], strict=True):
+        label, bar, percent = row.find_elements(By.XPATH, "./*")
+        assert label.text == expected["label"]
+        assert percent.text == f"{100 * expected['probability']:.1f}%"
+        assert "bar" in bar.get_attribute("class")
+    assert page.find_element(By.ID, "version").text == f"model version {answer['model_version']}"
+    assert page.find_element(By.ID, "error").text == ""
+    # Laid out one below the other: the drop zone (a <label>) must not overlap the text above or the preview.
+    intro, drop, preview = (page.find_element(By.CSS_SELECTOR, css) for css in ("body > p", "#drop", "#preview"))
+    assert preview.is_displayed()
+    assert intro.rect["y"] + intro.rect["height"] <= drop.rect["y"]
+    assert drop.rect["y"] + drop.rect["height"] <= preview.rect["y"]
+    if os.environ.get("SERVE_PAGE_SCREENSHOT"):  # e.g. /tmp/page.png, to look at the page
+        page.save_screenshot(os.environ["SERVE_PAGE_SCREENSHOT"])
+
+
+def test_uploading_a_file_that_is_not_an_image_shows_the_error(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("this is not an image\n")
+
+    page.find_element(By.ID, "file").send_keys(str(not_image))
+    error = wait_for_text(page, "error")
+
+    assert "cannot decode the image: it is not a PNG or JPEG file" in error
+    assert "BytesIO" not in error  # no internals in what a person reads
+    assert page.find_element(By.ID, "label").text == ""
+    assert page.find_elements(By.CSS_SELECTOR, "#classes .row") == []
+
+
+def png_file(path: Path, seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_an_error_after_a_prediction_clears_the_old_prediction(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    page.find_element(By.ID, "file").send_keys(str(png_file(tmp_path / "first.png", 7)))
+    assert wait_for_text(page, "label")
+    (tmp_path / "second.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    page.find_element(By.ID, "file").send_keys(str(tmp_path / "second.png"))
+
+    assert "cannot decode the image" in wait_for_text(page, "error")
+    # The first image's answer must not stay on screen beside the second one's error.
+    assert page.find_element(By.ID, "label").text == ""
+    assert page.find_elements(By.CSS_SELECTOR, "#classes .row") == []
+    assert page.find_element(By.ID, "version").text == ""
+
+
+def test_a_service_that_cannot_be_reached_is_reported(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    page.execute_cdp_cmd("Network.enable", {})
+    page.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/predict"]})
+    try:
+        page.find_element(By.ID, "file").send_keys(str(png_file(tmp_path / "photo.png", 8)))
+        assert "no answer" in wait_for_text(page, "error")
+    finally:
+        page.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        page.execute_cdp_cmd("Network.disable", {})
+    assert page.find_element(By.ID, "label").text == ""
