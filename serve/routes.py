@@ -68,22 +68,24 @@ def readyz():
 
 # --- TF Serving REST ----------------------------------------------------------
 
-@tfserving_rest.get("/v1/models/<model:name>")
-def v1_status(name):
+def _loaded_or_404(name: str):
     _check_name(name)
     loaded = _loaded()
     if loaded is None:
         abort(404, f"model {name!r} has no version loaded yet")
+    return loaded
+
+
+@tfserving_rest.get("/v1/models/<model:name>")
+def v1_status(name):
+    loaded = _loaded_or_404(name)
     return jsonify(model_version_status=[{"version": str(loaded.version), "state": "AVAILABLE",
                                           "status": {"error_code": "OK", "error_message": ""}}])
 
 
 @tfserving_rest.get("/v1/models/<model:name>/metadata")
 def v1_metadata(name):
-    _check_name(name)
-    loaded = _loaded()
-    if loaded is None:
-        abort(404, f"model {name!r} has no version loaded yet")
+    loaded = _loaded_or_404(name)
 
     def tensor(dtype, dims):
         return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],

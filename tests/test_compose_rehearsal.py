@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -19,6 +18,7 @@ import requests
 import tensorflow as tf
 import yaml
 
+from conftest import url_ready, wait_until
 from test_containers import compose_config
 from test_serve_tfserving import FakeTFServing, start_server
 
@@ -31,15 +31,6 @@ def service_env(service: dict, s3_endpoint: str) -> dict:
     if "AWS_ENDPOINT_URL_S3" in env:
         env["AWS_ENDPOINT_URL_S3"] = s3_endpoint
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CIFAR_", "SERVE_"))}, **env}
-
-
-def wait_until(predicate, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 @pytest.mark.timeout(600)
@@ -88,13 +79,7 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, tmp_path):
                             env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{free}"
     try:
-        def ready():
-            try:
-                return requests.get(url + "/readyz", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready)
+        wait_until(lambda: url_ready(url + "/readyz"))
         pixels = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
         answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": pixels.tolist()}, timeout=30)
         assert answer.status_code == 200, answer.text

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SECRET, small_overrides
+from conftest import SECRET, small_overrides, wait_until
 from job import storage
 
 # Long enough (several seconds) to be interrupted on purpose.
@@ -35,16 +35,6 @@ def committed(bucket) -> dict | None:
         return None
 
 
-def wait_for(predicate, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def exported_outputs(model_uri: str) -> np.ndarray:
     local = storage.backend(model_uri).local_copy(model_uri) if model_uri.startswith("s3://") else model_uri
     probe = np.random.default_rng(5).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
@@ -55,7 +45,7 @@ def exported_outputs(model_uri: str) -> np.ndarray:
 def test_kill_9_then_restart_resumes_and_ends_bit_identical(s3, tmp_path, run_job):
     cmd = job(tmp_path, s3)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (committed(s3) or {}).get("step", 0) >= 40)
+    wait_until(lambda: (committed(s3) or {}).get("step", 0) >= 40)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = committed(s3)["step"]
@@ -79,7 +69,7 @@ def test_an_outage_mid_run_delays_commits_but_the_run_completes(s3_server, s3, t
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
     proc = subprocess.Popen(job(tmp_path, s3), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_for(lambda: committed(s3))
+        wait_until(lambda: committed(s3))
         server.stop()
         time.sleep(5)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -97,7 +87,7 @@ def test_an_outage_mid_run_delays_commits_but_the_run_completes(s3_server, s3, t
 def test_a_second_run_on_the_same_prefix_is_refused_while_the_first_lives(s3, tmp_path):
     first = subprocess.Popen(job(tmp_path, s3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: committed(s3))
+        wait_until(lambda: committed(s3))
         second = subprocess.run(job(tmp_path, s3), capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         assert "another run" in second.stderr and "checkpoint.uri" in second.stderr
@@ -125,7 +115,7 @@ def test_a_damaged_checkpoint_object_is_named_not_loaded(s3, tmp_path):
 def test_sigterm_on_s3_commits_within_the_grace_budget(s3, tmp_path, grace):
     proc = subprocess.Popen(job(tmp_path, s3, **{"checkpoint.grace_seconds": grace}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: committed(s3))
+    wait_until(lambda: committed(s3))
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
+from conftest import url_ready, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.settings import Settings
@@ -61,15 +62,6 @@ def png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
-
-
-def wait_until(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture(scope="module")
@@ -332,13 +324,7 @@ def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
                             env={**os.environ, "SERVE_POLL_SECONDS": "0.5"})
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready():
-            try:
-                return requests.get(url + "/readyz", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(ready, timeout=90)
+        wait_until(lambda: url_ready(url + "/readyz"), timeout=90)
         answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
         assert answer.status_code == 200 and answer.headers["X-Request-ID"]
         proc.send_signal(signal.SIGTERM)
