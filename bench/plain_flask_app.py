@@ -31,7 +31,7 @@ app = Flask(__name__)
 def predict():
     try:
         images = np.asarray(json.loads(request.get_data())["instances"], dtype=np.uint8)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return Response('{"error": "expected {\\"instances\\": [32x32x3 nested lists]}"}', 400,
                         mimetype="application/json")
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3):

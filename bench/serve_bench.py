@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def start(kind: str, base: Path, tmp: Path, extra_env: dict) -> tuple[subprocess.Popen, int]:
-    """Start one server, return it once it answers the benchmark's request with 200."""
+    """Start one server alone; return it once it answers the benchmark's request with 200."""
     from serve.settings import Settings
 
     port, env = free_port(), {**os.environ, **extra_env}
@@ -55,22 +55,30 @@ def start(kind: str, base: Path, tmp: Path, extra_env: dict) -> tuple[subprocess
         env["PLAIN_MODEL_DIR"] = str(max(base.iterdir(), key=lambda p: int(p.name)))
         cmd = [str(BIN / "gunicorn"), "--chdir", str(ROOT), "-k", "gthread", "-w", str(defaults.workers),
                "--threads", str(defaults.threads), "-b", f"127.0.0.1:{port}", "bench.plain_flask_app:app"]
-    log = open(tmp / f"{kind}.log", "ab")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    body = (tmp / "body.json").read_bytes()
-    for _ in range(240):
-        if proc.poll() is not None:
-            sys.exit(f"{kind} exited with {proc.returncode}; see {tmp / (kind + '.log')}")
-        try:  # readiness = the real request succeeds (for the service, /readyz would say the same)
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                if r.status == 200 and len(json.load(r)["predictions"][0]["probabilities"]) == 10:
-                    return proc, port
+    log_path = tmp / f"{kind}.log"
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url, body = f"http://127.0.0.1:{port}", (tmp / "body.json").read_bytes()
+
+    def answers(path: str, data: bytes | None = None) -> bool:
+        try:
+            request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.status == 200 and (data is None or len(json.load(r)["predictions"][0]["probabilities"]) == 10)
         except OSError:
-            pass
+            return False
+
+    # The service says when it is ready (/readyz); the baseline is ready when it answers.
+    deadline = time.monotonic() + 120
+    while not (answers("/readyz") if kind != "baseline" else answers(PATH, body)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    stop(proc)
-    sys.exit(f"{kind} did not become ready in 2 minutes; see {tmp / (kind + '.log')}")
+    if not answers(PATH, body):  # the request the benchmark sends must succeed before it is timed
+        if proc.poll() is None:
+            stop(proc)
+        sys.exit(f"serve_bench: {kind} did not answer {PATH}; its log ends:\n{log_path.read_text()[-3000:]}")
+    return proc, port
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -94,9 +102,10 @@ def wrk(port: int, seconds: int, script: Path, connections: int) -> dict:
                          capture_output=True, text=True, check=True).stdout
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    percentiles = out.split("Latency Distribution", 1)[1]  # not the "+/- Stdev" columns above it
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
-            "p99_ms": ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
+            "p50_ms": ms(re.search(r"\s50%\s+(\S+)", percentiles).group(1)),
+            "p99_ms": ms(re.search(r"\s99%\s+(\S+)", percentiles).group(1)),
             "errors": (int(non2xx.group(1)) if non2xx else 0)
             + (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
 
@@ -132,9 +141,10 @@ def main() -> None:
 
     from job import export, model
 
-    rows = {"baseline (plain Flask)": {}, "service (defaults)": {}}
+    # row label -> (server kind, extra environment)
+    rows = {"baseline (plain Flask)": ("baseline", {}), "service (defaults)": ("service", {})}
     if args.variant:
-        rows[f"service ({args.variant})"] = dict(kv.split("=", 1) for kv in args.variant.split(","))
+        rows[f"service ({args.variant})"] = ("service", dict(kv.split("=", 1) for kv in args.variant.split(",")))
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         _, uri = export.export(model.build("simple_cnn"), str(tmp / "export"), "cifar10", {},
@@ -146,8 +156,8 @@ def main() -> None:
         images_per_s = ceiling(Path(uri), 10.0)  # before any server, so nothing competes with it
         results: dict[str, list[dict]] = {name: [] for name in rows}
         for r in range(args.rounds):  # A B A B: drift on a shared machine lands on every row alike
-            for name, env in rows.items():
-                proc, port = start("baseline" if name.startswith("baseline") else "service", base, tmp, env)
+            for name, (kind, env) in rows.items():
+                proc, port = start(kind, base, tmp, env)
                 try:
                     wrk(port, 3, tmp / "post.lua", args.connections)  # warm-up: connections, thread pools
                     results[name].append(wrk(port, args.duration, tmp / "post.lua", args.connections))
@@ -156,12 +166,16 @@ def main() -> None:
                 print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
 
     summary = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for name, runs in results.items()}
+    for name, runs in results.items():
+        summary[name]["errors"] = sum(run["errors"] for run in runs)  # every failed request counts, not a median
     base_rps = summary["baseline (plain Flask)"]["rps"]
-    print(f"| server | req/s | p50 ms | p99 ms | errors | vs baseline | vs ceiling |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| server | req/s (median) | per round | p50 ms | p99 ms | errors | vs baseline | vs ceiling |\n"
+          "|---|---:|---|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
-        print(f"| {name} | {s['rps']:,.0f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']:.0f} "
+        rounds = ", ".join(f"{run['rps']:,.0f}" for run in results[name])
+        print(f"| {name} | {s['rps']:,.0f} | {rounds} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']:.0f} "
               f"| {s['rps'] / base_rps:.2f}x | {s['rps'] / images_per_s:.2f}x |")
-    print(f"| ceiling (signature, batches of 32, in-process) | {images_per_s:,.0f} images/s | | | | "
+    print(f"| ceiling: signature on batches of 32, in-process | {images_per_s:,.0f} images/s | | | | | "
           f"{images_per_s / base_rps:.2f}x | 1.00x |")
     if args.out:
         Path(args.out).write_text(json.dumps({"ceiling_images_per_s": images_per_s, "summary": summary,

@@ -89,8 +89,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         route = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.REQUESTS.labels(route, request.method, response.status_code).inc()
         metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        log.info('%s "%s %s" %s request_id=%s', request.remote_addr, request.method, request.full_path.rstrip("?"),
-                 response.status_code, g.get("request_id"))
+        # The access log line (with this request id) is gunicorn's: see gunicorn_conf.access_log_format.
         return response
 
     @app.errorhandler(BadInput)

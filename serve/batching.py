@@ -38,7 +38,11 @@ class Batcher:
             self._queue.put_nowait((images, future))
         except queue.Full:
             raise Overloaded("the server is at capacity; retry shortly") from None
-        return future.result(timeout=timeout)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()  # still queued: the model need not run for a client that has gone
+            raise
 
     def _loop(self) -> None:
         carry = None
@@ -63,11 +67,12 @@ class Batcher:
         live = [(images, f) for images, f in batch if f.set_running_or_notify_cancel()]
         if not live:
             return
-        images = np.concatenate([images for images, _ in live])
-        self.on_batch(len(images))
         try:
+            images = np.concatenate([images for images, _ in live])
+            self.on_batch(len(images))
             outputs, info = self.run(images)
-        except Exception as exc:  # handed to every waiting request, which maps it to a status
+        except Exception as exc:  # handed to every waiting request, which maps it to a status;
+            # the batcher thread itself must outlive any one batch
             for _, f in live:
                 f.set_exception(exc)
             return

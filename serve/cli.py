@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print("cifar-serve: error: --model-uri (or SERVE_MODEL_URI) is required", file=sys.stderr)
         return 2
     print(f"cifar-serve: {settings.model_dump_json(exclude={'api_keys'})}", file=sys.stderr, flush=True)
+    import logging
+
+    # Set in the master, inherited by the workers it forks: the service's own
+    # lines (which version is served, refresh failures) next to gunicorn's.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]

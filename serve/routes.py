@@ -107,6 +107,7 @@ def v1_predict(name):
     if body.signature_name not in (None, "serving_default"):
         raise BadInput(f"unknown signature_name {body.signature_name!r}; use serving_default")
     batch = np.stack([images.instance(x, f"instances[{i}]") for i, x in enumerate(body.instances)])
+    del body  # thousands of small lists: not kept alive while the request waits for its batch
     probabilities, loaded = _predictor().predict(batch)
     predictions = [{"label": loaded.labels[int(np.argmax(p))], "class_id": int(np.argmax(p)),
                     "probabilities": [float(v) for v in p]} for p in probabilities]

@@ -5,6 +5,7 @@ against a real S3 HTTP endpoint on 127.0.0.1."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,11 +60,13 @@ def test_kill_9_then_restart_resumes_and_ends_bit_identical(s3, tmp_path, run_jo
     np.testing.assert_array_equal(exported_outputs(final["export"]["uri"]), exported_outputs(uninterrupted.model_uri))
 
 
-def test_an_outage_mid_run_delays_commits_but_the_run_completes(s3_server, s3, tmp_path):
+def test_an_outage_mid_run_delays_commits_but_the_run_completes(s3, tmp_path):
     from moto.server import ThreadedMotoServer
 
-    # A server of this test's own on a fixed port, so it can go away and come back.
-    port = int(s3_server.rsplit(":", 1)[1]) + 1
+    # A server of this test's own on a port of its own, so it can go away and come back.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
