@@ -6,7 +6,6 @@ trains with a default.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -309,6 +308,3 @@ def _environment() -> dict:
         # A section given as JSON (`CIFAR_TRAIN='{...}'`) that does not parse.
         raise ConfigError(f"invalid environment override (CIFAR_*): {exc}") from None
 
-
-def from_json(text: str) -> Config:
-    return Config.model_validate(json.loads(text))
