@@ -78,6 +78,7 @@ def test_dockerfiles_lint_clean_and_end_as_a_non_root_user(dockerfile):
 def test_serve_image_ships_no_training_code_and_checks_its_health():
     text = (ROOT / "Dockerfile.serve").read_text()
     assert "COPY job" not in text and "HEALTHCHECK" in text and "/healthz" in text and "EXPOSE 8080" in text
+    assert 'pip install ".[serve]"' in text  # the service's extra, not training's (matplotlib, tensorboard)
 
 
 def test_dockerignore_keeps_the_build_context_small():
