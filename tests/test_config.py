@@ -218,27 +218,17 @@ def test_lr_schedule_full_mapping(tmp_path):
     assert (schedule.name, schedule.decay_rate, schedule.decay_epochs) == ("exponential", 0.9, 1.0)
 
 
-def test_lr_schedule_name_in_file_parameter_from_set(tmp_path):
-    path = write(tmp_path, "train:\n  lr_schedule: cosine\n")
-    schedule = load_config(path, ["train.lr_schedule.warmup_epochs=1"]).train.lr_schedule
-    assert (schedule.name, schedule.warmup_epochs) == ("cosine", 1.0)
-
-
-def test_lr_schedule_parameter_in_file_name_from_set(tmp_path):
-    path = write(tmp_path, "train:\n  lr_schedule:\n    warmup_epochs: 1\n")
-    schedule = load_config(path, ["train.lr_schedule=cosine"]).train.lr_schedule
-    assert (schedule.name, schedule.warmup_epochs) == ("cosine", 1.0)
-
-
-def test_lr_schedule_name_from_environment_parameter_from_set(monkeypatch):
-    monkeypatch.setenv("CIFAR_TRAIN__LR_SCHEDULE", "cosine")
-    schedule = load_config(None, ["train.lr_schedule.warmup_epochs=1"]).train.lr_schedule
-    assert (schedule.name, schedule.warmup_epochs) == ("cosine", 1.0)
-
-
-def test_lr_schedule_parameter_from_environment_name_from_set(monkeypatch):
-    monkeypatch.setenv("CIFAR_TRAIN__LR_SCHEDULE__WARMUP_EPOCHS", "1")
-    schedule = load_config(None, ["train.lr_schedule=cosine"]).train.lr_schedule
+@pytest.mark.parametrize("file,env,sets", [
+    ("train:\n  lr_schedule: cosine\n", {}, ["train.lr_schedule.warmup_epochs=1"]),
+    ("train:\n  lr_schedule:\n    warmup_epochs: 1\n", {}, ["train.lr_schedule=cosine"]),
+    (None, {"CIFAR_TRAIN__LR_SCHEDULE": "cosine"}, ["train.lr_schedule.warmup_epochs=1"]),
+    (None, {"CIFAR_TRAIN__LR_SCHEDULE__WARMUP_EPOCHS": "1"}, ["train.lr_schedule=cosine"]),
+], ids=["name-in-file", "parameter-in-file", "name-in-env", "parameter-in-env"])
+def test_lr_schedule_name_and_parameter_from_different_sources(tmp_path, monkeypatch, file, env, sets):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path, file) if file else None
+    schedule = load_config(path, sets).train.lr_schedule
     assert (schedule.name, schedule.warmup_epochs) == ("cosine", 1.0)
 
 
