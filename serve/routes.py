@@ -46,9 +46,14 @@ def _body(model):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadInput(f"{where}: {first['msg']}") from None
+        raise _bad(exc) from None
+
+
+def _bad(exc: ValidationError) -> BadInput:
+    """A pydantic error as the 400 message: where in the body, and what is wrong there."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return BadInput(f"{where}: {first['msg']}")
 
 
 # --- health -----------------------------------------------------------------
@@ -167,8 +172,7 @@ def v2_infer(name, version=None):
     try:
         body = schemas.V2InferRequest.model_validate(json.loads(raw))
     except ValidationError as exc:  # first: pydantic's ValidationError is a ValueError too
-        first = exc.errors()[0]
-        raise BadInput(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise _bad(exc) from None
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply, or a >4300-digit integer
         raise BadInput("the inference header must be JSON") from None
     tensor = next((t for t in body.inputs if t.name == INPUT), None)
