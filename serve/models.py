@@ -66,10 +66,18 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+_clients: dict[tuple, object] = {}
+
+
 def _s3():
+    """One client per set of boto3 settings: the watcher asks every few seconds,
+    and making a client costs tens of milliseconds."""
     import boto3
     from botocore.config import Config
 
     custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", config=Config(retries={"mode": "standard"},
-                                            s3={"addressing_style": "path" if custom else "auto"}))
+    settings = (custom, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if settings not in _clients:
+        _clients[settings] = boto3.client("s3", config=Config(
+            retries={"mode": "standard"}, s3={"addressing_style": "path" if custom else "auto"}))
+    return _clients[settings]
