@@ -130,6 +130,7 @@ class S3Storage:
             connect_timeout=5, read_timeout=30,
         ))
         self.endpoint = self.client.meta.endpoint_url
+        self._synced: dict[Path, tuple[int, int]] = {}
 
     @staticmethod
     def split(uri: str) -> tuple[str, str]:
@@ -253,12 +254,19 @@ class S3Storage:
         return path
 
     def sync(self, uri: str) -> None:
+        """Upload the files of `working_dir(uri)` that changed since the last sync."""
         bucket, key = self.split(uri)
         local = self.working_dir(uri)
         for path in local.rglob("*"):
-            if path.is_file():
-                self._call(uri, "upload to", self.client.upload_file, str(path), bucket,
-                           f"{key}/{path.relative_to(local).as_posix()}")
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            seen = (stat.st_size, stat.st_mtime_ns)
+            if self._synced.get(path) == seen:
+                continue
+            self._call(uri, "upload to", self.client.upload_file, str(path), bucket,
+                       f"{key}/{path.relative_to(local).as_posix()}")
+            self._synced[path] = seen
 
     def clean_staging(self, uri: str) -> None:
         """Staging is local and temporary; nothing is left in the bucket."""

@@ -103,3 +103,16 @@ def test_missing_bucket_exits_4_naming_it(s3, tmp_path):
 def test_storage_errors_are_storage_errors(s3):
     with pytest.raises(StorageError, match="not a complete published directory"):
         storage.backend(f"s3://{s3}").local_copy(f"s3://{s3}/nothing/here")
+
+
+def test_working_dir_sync_sends_new_and_changed_files(s3):
+    backend = storage.backend(f"s3://{s3}")
+    uri = f"s3://{s3}/tb"
+    local = backend.working_dir(uri)
+    (local / "events.1").write_bytes(b"first")
+    backend.sync(uri)
+    (local / "events.1").write_bytes(b"first, then more")  # TensorBoard appends to its event file
+    (local / "events.2").write_bytes(b"second")
+    backend.sync(uri)
+    assert backend.read_bytes(f"{uri}/events.1") == b"first, then more"
+    assert backend.read_bytes(f"{uri}/events.2") == b"second"
