@@ -134,6 +134,19 @@ class Export(Section):
     model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class Distribute(Section):
+    # auto: from the environment (TF_CONFIG, AWS Batch multi-node, local GPUs).
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    # Splits the host's CPU into this many logical devices, each a replica:
+    # rehearses mirrored training on a machine without GPUs.
+    cpu_devices: int = Field(1, ge=1, le=64)
+    # AWS Batch multi-node jobs: the nodes meet at the main node's `port` to
+    # learn each other's addresses; node i's TensorFlow server uses port + 1 + i.
+    port: int = Field(2222, ge=1024, le=65000)
+    # How long workers wait for each other at start before the job fails (exit 75).
+    startup_timeout_seconds: float = Field(300.0, gt=0)
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix="CIFAR_", env_nested_delimiter="__"
@@ -145,6 +158,7 @@ class Config(BaseSettings):
     train: Train = Train()
     checkpoint: Checkpoint = Checkpoint()
     export: Export = Export()
+    distribute: Distribute = Distribute()
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:

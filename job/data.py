@@ -113,17 +113,26 @@ class TrainStream:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size: {batch_size} is larger than the {self.n} training examples")
 
-    def epoch(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        b = self.batch_size
+    def epoch(self, epoch: int, start_step: int = 0, ctx: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """With an input context (tf.distribute calls this once per worker),
+        the worker's share of each global batch: its replicas' slices, one
+        per-replica batch after another, so all replicas together see exactly
+        the batch one device would, each example with its own crop and flip."""
+        b = batch = self.batch_size
         order = epoch_order(self.seed, epoch, self.n)[start_step * b : self.steps_per_epoch * b]
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            batch = ctx.get_per_replica_batch_size(b)
+            local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+            first = ctx.input_pipeline_id * local
+            order = order.reshape(-1, ctx.num_replicas_in_sync, batch)[:, first : first + local].ravel()
         images, labels = self.images, self.labels
         if self.augment:
             offsets, flips = augment_params(self.seed, epoch, self.n)
             ds = tf.data.Dataset.from_tensor_slices((order, offsets[order], flips[order]))
-            ds = ds.batch(self.batch_size, drop_remainder=True)
+            ds = ds.batch(batch, drop_remainder=True)
             ds = ds.map(lambda i, o, f: (crop_and_flip(tf.gather(images, i), o, f), tf.gather(labels, i)))
         else:
-            ds = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size, drop_remainder=True)
+            ds = tf.data.Dataset.from_tensor_slices(order).batch(batch, drop_remainder=True)
             ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
         return _maybe_prefetch(ds)
 

@@ -31,3 +31,11 @@ class Preempted(JobError):
     """SIGTERM arrived and a checkpoint was committed; the job is meant to be retried."""
 
     exit_code = 75
+
+
+class PeerLost(JobError):
+    """Another worker of a multi-worker run died or never started. The job is
+    meant to be retried as a whole; every worker then resumes from the last
+    committed checkpoint."""
+
+    exit_code = 75

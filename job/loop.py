@@ -13,7 +13,9 @@ import tensorflow as tf
 class Trainer(tf.Module):
     def __init__(self, model: keras.Model, optimizer, global_batch_size: int, label_smoothing: float = 0.0,
                  jit_compile: bool = False):
+        """Build it inside the strategy's scope, as its variables must be."""
         super().__init__(name="trainer")
+        self.strategy = tf.distribute.get_strategy()
         self.model = model
         self.optimizer = optimizer
         self.global_batch_size = global_batch_size
@@ -21,9 +23,10 @@ class Trainer(tf.Module):
         self.mixed = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # Sums rather than Keras metric objects: plain variables go into the
         # checkpoint, so an epoch resumed half-way reports the same averages.
-        self.loss_sum = tf.Variable(0.0, trainable=False, dtype=tf.float32)
-        self.correct = tf.Variable(0.0, trainable=False, dtype=tf.float32)
-        self.seen = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+        # One variable summed across replicas at each step, so every worker
+        # holds the totals and the chief can save them without asking the others.
+        self.sums = tf.Variable(tf.zeros(3), trainable=False, aggregation=tf.VariableAggregation.SUM,
+                                name="loss_correct_seen")
         self.optimizer.build(model.trainable_variables)
         self._step = tf.function(self._train_step, jit_compile=jit_compile)
         self.train_loop = tf.function(self._train_loop)
@@ -46,16 +49,17 @@ class Trainer(tf.Module):
             scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
-        self.loss_sum.assign_add(tf.reduce_sum(per_example))
-        self.correct.assign_add(self._count_correct(labels, logits))
-        self.seen.assign_add(tf.cast(tf.shape(labels)[0], tf.float32))
+        seen = tf.cast(tf.shape(labels)[0], tf.float32)
+        self.sums.assign_add(tf.stack([tf.reduce_sum(per_example), self._count_correct(labels, logits), seen]))
         return loss
 
     def _train_loop(self, iterator, steps):
-        """`steps` steps in one compiled call (Orbit's steps_per_loop)."""
+        """`steps` steps in one compiled call (Orbit's steps_per_loop); the
+        last step's loss, summed over replicas, is the global batch's mean."""
         loss = tf.constant(0.0)
         for _ in tf.range(steps):
-            loss = self._step(*next(iterator))
+            per_replica = self.strategy.run(self._step, args=next(iterator))
+            loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         return loss
 
     def _eval_step(self, images, labels):
@@ -69,12 +73,11 @@ class Trainer(tf.Module):
         return tf.reduce_sum(tf.cast(hits, tf.float32))
 
     def reset_sums(self) -> None:
-        for v in (self.loss_sum, self.correct, self.seen):
-            v.assign(0.0)
+        self.sums.assign(tf.zeros(3))
 
     def train_averages(self) -> tuple[float, float]:
-        seen = max(float(self.seen.numpy()), 1.0)
-        return float(self.loss_sum.numpy()) / seen, float(self.correct.numpy()) / seen
+        loss_sum, correct, seen = (float(v) for v in self.sums.numpy())
+        return loss_sum / max(seen, 1.0), correct / max(seen, 1.0)
 
     def evaluate(self, dataset) -> tuple[float, float, int]:
         """(mean loss, accuracy, examples) over a finite dataset."""

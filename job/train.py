@@ -9,6 +9,7 @@ carries on from the last committed checkpoint and, with
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from job import data, export, model, optim, storage
+from job import data, distribute, export, model, optim, storage
 from job.checkpoints import CheckpointStore, Lease, Uploader
 from job.config import Config
-from job.errors import ConfigError, DivergedError, Preempted, StorageError
+from job.errors import ConfigError, DivergedError, PeerLost, Preempted, StorageError
 from job.history import History
 from job.loop import Trainer
 from job.report import Console
@@ -84,16 +85,28 @@ def configure_determinism(cfg: Config) -> None:
 
 
 def run(cfg: Config, console: Console) -> Result:
+    cluster = distribute.resolve(cfg.distribute)
+    console.info(cluster.describe())
     configure_determinism(cfg)
     uploader = Uploader(cfg.checkpoint.retry_seconds)
     store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep, uploader)
-    lease = Lease(cfg.checkpoint.uri, cfg.checkpoint.lease_seconds, console.info)
-    lease.acquire()
+    # Only the chief writes; the other workers read the committed checkpoint
+    # it names and train in step with it.
+    lease = Lease(cfg.checkpoint.uri, cfg.checkpoint.lease_seconds, console.info) if cluster.is_chief else None
+    if lease:
+        lease.acquire()
     try:
         # From the start, so that a SIGTERM while data loads still ends in
         # a committed checkpoint and exit 75 at the first step boundary.
         with _SigtermFlag() as sigterm:
-            return _run(cfg, console, store, lease, sigterm)
+            return _run(cfg, console, cluster, store, lease, sigterm)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as exc:
+        # MultiWorkerMirroredStrategy aborts its collectives when a peer stops
+        # answering; the job is retried as a whole and resumes.
+        peer = re.search(r"/job:\w+/replica:\d+/task:(\d+)", exc.message)
+        who = f"worker {peer.group(1)}" if peer else "another worker"
+        raise PeerLost(f"{who} of the cluster stopped answering ({type(exc).__name__}); exiting so the job "
+                       f"is retried and every worker resumes from the last committed checkpoint") from exc
     finally:
         # Commits already queued are good checkpoints: give them the grace
         # budget to land, whatever ended the run.
@@ -101,10 +114,12 @@ def run(cfg: Config, console: Console) -> Result:
             uploader.flush(timeout=cfg.checkpoint.grace_seconds)
         except StorageError:
             pass
-        lease.release()
+        if lease:
+            lease.release()
 
 
-def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, sigterm: _SigtermFlag) -> Result:
+def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: CheckpointStore, lease: Lease | None,
+         sigterm: _SigtermFlag) -> Result:
     latest = None if cfg.checkpoint.resume == "never" else store.latest()
     if cfg.checkpoint.resume == "required" and latest is None:
         raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
@@ -121,20 +136,24 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
     console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
                  f"examples ({cfg.data.source}, {splits.checksum[:19]})")
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment)
+    cluster.per_replica_batch(cfg.train.batch_size)
     spe = stream.steps_per_epoch
-    net = model.build(cfg.model.name, cfg.train.mixed_precision)
-    schedule = optim.Schedule(cfg.train, spe)
-    optimizer = optim.build_optimizer(cfg.train, schedule)
-    trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
+    with cluster.strategy.scope():
+        net = model.build(cfg.model.name, cfg.train.mixed_precision)
+        schedule = optim.Schedule(cfg.train, spe)
+        optimizer = optim.build_optimizer(cfg.train, schedule)
+        trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
     progress = Progress()
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
                                      lr_scale=schedule.scale)
-    history = History(cfg.checkpoint.uri, store.uploader)
-    store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
+    history = History(cfg.checkpoint.uri, store.uploader) if cluster.is_chief else None
+    if cluster.is_chief:
+        store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
 
     if latest is not None:
         store.restore(checkpoint, latest["step"])
-        history.resume(latest["step"])
+        if history:
+            history.resume(latest["step"])
         console.info(f"resumed from step {latest['step']}")
     record = {**(latest or {}), "fingerprint": cfg.fingerprint()}
 
@@ -144,6 +163,8 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
 
     def commit(**fields) -> None:
         nonlocal record
+        if not cluster.is_chief:
+            return
         if lease.lost:
             raise StorageError(f"another run took the lease on {cfg.checkpoint.uri}; stopping without writing")
         record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
@@ -155,7 +176,8 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
         in_epoch = int(progress.step.numpy()) - epoch * spe
         if in_epoch == 0:
             trainer.reset_sums()
-        iterator = iter(stream.epoch(epoch, in_epoch))
+        iterator = iter(cluster.strategy.distribute_datasets_from_function(
+            lambda ctx, epoch=epoch, in_epoch=in_epoch: stream.epoch(epoch, in_epoch, ctx)))
         epoch_images, epoch_seconds = 0, 0.0
         while in_epoch < spe and int(progress.step.numpy()) < target:
             step = int(progress.step.numpy())
@@ -188,13 +210,14 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
                 console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=in_epoch,
                                  steps_per_epoch=spe, step=step, loss=tl, accuracy=ta,
                                  images_per_second=epoch_images / max(epoch_seconds, 1e-9))
-                history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
-                                         "train/learning_rate": float(schedule(optimizer.iterations))})
+                if history:
+                    history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
+                                             "train/learning_rate": float(schedule(optimizer.iterations))})
             if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
                 commit()
             if sigterm.raised:
                 commit()
-                _preempted(store, cfg, step)
+                _preempted(store, cfg, step, cluster.is_chief)
         if in_epoch < spe:
             break  # max_steps reached inside the epoch
         if epoch_images == 0 and first_call is not None:
@@ -210,12 +233,16 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
                  "val_accuracy": va, "seconds": round(epoch_seconds, 3),
                  "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
                  "learning_rate": float(schedule(optimizer.iterations))}
-        history.add_epoch(entry)
+        if history:
+            history.add_epoch(entry)
         console.epoch_end(entry)
         if sigterm.raised:
-            _preempted(store, cfg, step)
+            _preempted(store, cfg, step, cluster.is_chief)
 
     step = int(progress.step.numpy())
+    if not cluster.is_chief:
+        console.info(f"trained to step {step}; the chief evaluates and exports")
+        return Result(step, math.nan, math.nan, None, None)
     if int(record.get("step", -1)) != step:
         commit()
     store.uploader.flush()
@@ -235,6 +262,7 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
         "class_names": list(data.CLASS_NAMES),
         "config": cfg.model_dump(mode="json"),
         "tensorflow": tf.__version__,
+        "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
     }
     version, uri = export.export(net, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64])
     console.info(f"exported model version {version} to {uri}")
@@ -244,7 +272,9 @@ def _run(cfg: Config, console: Console, store: CheckpointStore, lease: Lease, si
     return Result(step, test_acc, test_loss, version, uri)
 
 
-def _preempted(store: CheckpointStore, cfg: Config, step: int):
+def _preempted(store: CheckpointStore, cfg: Config, step: int, is_chief: bool):
+    if not is_chief:
+        raise Preempted(f"SIGTERM: stopping at step {step}; the chief commits checkpoints. Exiting to be retried")
     if store.uploader.flush(timeout=cfg.checkpoint.grace_seconds):
         raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
     raise Preempted(f"SIGTERM: the checkpoint of step {step} did not commit within checkpoint.grace_seconds "
