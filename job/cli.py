@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--gpus", type=int, default=1, help="GPUs per attempt; 0 for CPU only (default 1)")
     batch.add_argument("--vcpus", type=int, default=4, help="vCPUs per attempt (default 4)")
     batch.add_argument("--memory", type=int, default=16384, metavar="MIB", help="memory in MiB (default 16384)")
+    batch.add_argument("--nodes", type=int, default=1,
+                       help="machines; more than 1 submits a multi-node parallel job that trains with "
+                            "MultiWorkerMirroredStrategy (default 1)")
     batch.add_argument("--attempts", type=int, default=5, help="attempts, 1-10 (default 5)")
     batch.add_argument("--timeout-hours", type=float, default=24.0, metavar="HOURS",
                        help="limit per attempt (default 24)")
@@ -113,7 +116,7 @@ def _submit(args) -> int:
     opts = submit.BatchOptions(
         job_queue=args.job_queue, image=args.image, job_name=args.job_name, gpus=args.gpus, vcpus=args.vcpus,
         memory=args.memory, attempts=args.attempts, timeout_hours=args.timeout_hours,
-        job_role_arn=args.job_role_arn,
+        job_role_arn=args.job_role_arn, nodes=args.nodes,
     )
     opts.check()
     for warning in submit.warnings(cfg):

@@ -2,8 +2,12 @@
 
 The job definition holds what does not change between runs (the image, a GPU,
 the retry strategy, a timeout); the submit request carries the run's config.
-`infra/aws-batch/job-definition.json` is `reference_job_definition()` written
-out (`python -m job.submit` rewrites it; a test keeps the two equal).
+With `--nodes N` (N > 1) it is a multi-node parallel job: N copies of the
+container, from whose AWS_BATCH_JOB_* variables the job derives TF_CONFIG
+(job/distribute.py) and trains with MultiWorkerMirroredStrategy.
+`infra/aws-batch/job-definition.json` and `job-definition-multinode.json` are
+`reference_job_definition()` written out (`python -m job.submit` rewrites
+them; a test keeps them equal).
 
 Retries follow the exit codes: 75 (SIGTERM after a committed checkpoint) and
 4 (storage still failing after the job's own retries) are retried, and so is
@@ -27,9 +31,11 @@ from job.config import Config
 from job.errors import ConfigError, StorageError
 
 JOB_DEFINITION_NAME = "cifar-job"
+MULTINODE_JOB_DEFINITION_NAME = "cifar-job-multinode"
 # The image's entrypoint is `cifar-job`, so a container command starts at the subcommand.
 COMMAND = ["train"]
-INFRA_FILE = Path(__file__).resolve().parents[1] / "infra" / "aws-batch" / "job-definition.json"
+INFRA_DIR = Path(__file__).resolve().parents[1] / "infra" / "aws-batch"
+INFRA_FILES = {1: INFRA_DIR / "job-definition.json", 2: INFRA_DIR / "job-definition-multinode.json"}
 PLACEHOLDER_IMAGE = "<account>.dkr.ecr.<region>.amazonaws.com/cifar10-pipeline-train:latest"
 # AWS Batch's rule for job and job definition names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -46,6 +52,7 @@ class BatchOptions:
     attempts: int = 5
     timeout_hours: float = 24.0
     job_role_arn: str | None = None
+    nodes: int = 1
 
     def check(self) -> None:
         problems = []
@@ -64,6 +71,8 @@ class BatchOptions:
             problems.append("--memory (MiB) must be at least 4")
         if not 1 <= self.attempts <= 10:
             problems.append("--attempts must be between 1 and 10 (AWS Batch's limit)")
+        if not 1 <= self.nodes <= 1000:
+            problems.append("--nodes must be between 1 and 1000")
         if self.timeout_hours * 3600 < 60:
             problems.append("--timeout-hours must be at least one minute (AWS Batch's limit)")
         if problems:
@@ -92,14 +101,20 @@ def job_definition(opts: BatchOptions) -> dict:
     if opts.job_role_arn:
         # Credentials come from the job role, never from the request.
         container["jobRoleArn"] = opts.job_role_arn
-    return {
-        "jobDefinitionName": JOB_DEFINITION_NAME,
-        "type": "container",
+    common = {
         "platformCapabilities": ["EC2"],
-        "containerProperties": container,
         "retryStrategy": retry_strategy(opts.attempts),
         "timeout": {"attemptDurationSeconds": int(round(opts.timeout_hours * 3600))},
     }
+    if opts.nodes == 1:
+        return {"jobDefinitionName": JOB_DEFINITION_NAME, "type": "container", "containerProperties": container,
+                **common}
+    # The main node is worker 0, the chief: its exit code is the job's, and
+    # it exits 75 when another node is lost, so the whole job is retried.
+    nodes = {"numNodes": opts.nodes, "mainNode": 0,
+             "nodeRangeProperties": [{"targetNodes": "0:", "container": container}]}
+    return {"jobDefinitionName": MULTINODE_JOB_DEFINITION_NAME, "type": "multinode", "nodeProperties": nodes,
+            **common}
 
 
 def config_args(cfg: Config) -> list[str]:
@@ -147,12 +162,14 @@ def default_job_name(cfg: Config, now: float | None = None) -> str:
 
 def submit_request(cfg: Config, opts: BatchOptions, job_definition_ref: str) -> dict:
     """The `submit_job` request; `job_definition_ref` is a name, `name:revision` or ARN."""
-    return {
-        "jobName": opts.job_name or default_job_name(cfg),
-        "jobQueue": opts.job_queue,
-        "jobDefinition": job_definition_ref,
-        "containerOverrides": {"command": [*COMMAND, *config_args(cfg)]},
-    }
+    request = {"jobName": opts.job_name or default_job_name(cfg), "jobQueue": opts.job_queue,
+               "jobDefinition": job_definition_ref}
+    overrides = {"command": [*COMMAND, *config_args(cfg)]}
+    if opts.nodes == 1:
+        request["containerOverrides"] = overrides
+    else:
+        request["nodeOverrides"] = {"nodePropertyOverrides": [{"targetNodes": "0:", "containerOverrides": overrides}]}
+    return request
 
 
 def dry_run(cfg: Config, opts: BatchOptions) -> dict:
@@ -209,16 +226,17 @@ def submit(cfg: Config, opts: BatchOptions) -> dict:
             "jobQueue": opts.job_queue, "jobDefinitionArn": arn}
 
 
-def reference_job_definition() -> dict:
-    """The job definition `infra/aws-batch/job-definition.json` holds: the defaults, a placeholder image."""
-    return job_definition(BatchOptions(job_queue="unused", image=PLACEHOLDER_IMAGE))
+def reference_job_definition(nodes: int = 1) -> dict:
+    """The job definitions `infra/aws-batch/` holds: the defaults, a placeholder image."""
+    return job_definition(BatchOptions(job_queue="unused", image=PLACEHOLDER_IMAGE, nodes=nodes))
 
 
-def render_reference() -> str:
-    return json.dumps(reference_job_definition(), indent=2) + "\n"
+def render_reference(nodes: int = 1) -> str:
+    return json.dumps(reference_job_definition(nodes), indent=2) + "\n"
 
 
 if __name__ == "__main__":
-    INFRA_FILE.parent.mkdir(parents=True, exist_ok=True)
-    INFRA_FILE.write_text(render_reference())
-    print(f"wrote {INFRA_FILE}")
+    INFRA_DIR.mkdir(parents=True, exist_ok=True)
+    for n, path in INFRA_FILES.items():
+        path.write_text(render_reference(n))
+        print(f"wrote {path}")

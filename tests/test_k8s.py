@@ -1,5 +1,6 @@
 """The Kubernetes manifests, parsed and checked against the code they run."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,29 @@ def test_tfserving_sidecar_fills_the_folder_tfserving_reads():
     models_config = (ROOT / "infra" / "tfserving" / "models.config").read_text()
     assert f'base_path: "{sync[sync.index("--to") + 1]}"' in models_config
     assert service["spec"]["ports"][0]["port"] == 8500
+
+
+def test_tfjob_restarts_workers_and_every_worker_reads_the_operators_tf_config():
+    from job import distribute
+    from job.config import load_config
+
+    (tfjob,) = docs("train-tfjob.yaml")
+    worker = tfjob["spec"]["tfReplicaSpecs"]["Worker"]
+    # ExitCode would treat 75 (a lost peer, a committed SIGTERM) as permanent.
+    assert worker["restartPolicy"] == "OnFailure" and tfjob["spec"]["runPolicy"]["backoffLimit"] <= 10
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "tensorflow" and pod["securityContext"]["runAsNonRoot"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CIFAR_CHECKPOINT__URI"].startswith("s3://"), "every worker must reach the chief's checkpoints"
+    done = subprocess.run([sys.executable, "-m", "job", "check-config", *container["args"][1:]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert container["args"][0] == "train" and done.returncode == 0, done.stderr
+    cfg = load_config(str(ROOT / container["args"][2]), [])
+    assert cfg.train.batch_size % worker["replicas"] == 0
+    # TF_CONFIG as the training operator writes it, for the second worker.
+    hosts = [f"cifar10-train-multiworker-worker-{i}.default.svc:2222" for i in range(worker["replicas"])]
+    operator = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": 1}, "environment": "cloud"}
+    assert distribute._tf_config({"TF_CONFIG": json.dumps(operator)}) == {
+        "cluster": {"worker": hosts}, "task": {"type": "worker", "index": 1}}
+    assert container["ports"][0]["containerPort"] == 2222

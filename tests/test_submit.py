@@ -138,6 +138,7 @@ def test_default_job_name_is_a_valid_batch_name():
 @pytest.mark.parametrize("args, needle", [
     (("--attempts", "11"), "--attempts"),
     (("--attempts", "0"), "--attempts"),
+    (("--nodes", "0"), "--nodes"),
     (("--job-name", "-bad name"), "--job-name"),
     (("--timeout-hours", "0"), "--timeout-hours"),
     (("--vcpus", "0"), "--vcpus"),
@@ -223,12 +224,33 @@ def test_bad_options_raise_config_error():
 # --- infra/aws-batch/job-definition.json ----------------------------------------------
 
 
-def test_infra_job_definition_is_what_the_code_generates():
-    text = submit.INFRA_FILE.read_text()
-    assert json.loads(text) == submit.reference_job_definition(), (
-        "infra/aws-batch/job-definition.json is stale: rewrite it with `python -m job.submit`")
-    assert text == submit.render_reference()
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_infra_job_definitions_are_what_the_code_generates(nodes):
+    path = submit.INFRA_FILES[nodes]
+    text = path.read_text()
+    assert json.loads(text) == submit.reference_job_definition(nodes), (
+        f"{path} is stale: rewrite it with `python -m job.submit`")
+    assert text == submit.render_reference(nodes)
     validate("RegisterJobDefinition", json.loads(text))
+
+
+def test_multinode_job_runs_the_same_container_on_every_node(tmp_path):
+    proc = cli(tmp_path, *DRY, "--nodes", "4", "--gpus", "8", "--set", "train.batch_size=512")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    jd, sj = out["jobDefinition"], out["submitJob"]
+    assert jd["type"] == "multinode" and "containerProperties" not in jd
+    nodes = jd["nodeProperties"]
+    assert nodes["numNodes"] == 4 and nodes["mainNode"] == 0
+    [everyone] = nodes["nodeRangeProperties"]
+    assert everyone["targetNodes"] == "0:"
+    assert {"type": "GPU", "value": "8"} in everyone["container"]["resourceRequirements"]
+    assert {"onExitCode": "75", "action": "RETRY"} in jd["retryStrategy"]["evaluateOnExit"]
+    assert "containerOverrides" not in sj
+    assert sj["nodeOverrides"] == {"nodePropertyOverrides": [
+        {"targetNodes": "0:", "containerOverrides": {"command": ["train", "--set", "train.batch_size=512"]}}]}
+    validate("RegisterJobDefinition", jd)
+    validate("SubmitJob", sj)
 
 
 # --- a real submission, to a local AWS Batch endpoint -------------------------------
