@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_bench.py
 	$(PY) bench/checkpoint_bench.py
+	$(PY) bench/distribute_bench.py
 	$(PY) bench/serve_bench.py
 
 lint: $(STAMP)

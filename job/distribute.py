@@ -12,6 +12,7 @@ is the global batch, so the same config trains the same model on any of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -45,6 +46,20 @@ class Cluster:
         role = "chief" if self.is_chief else "not the chief: writes nothing"
         return (f"strategy: {self.name}, {self.workers} worker{'s' * (self.workers > 1)}, "
                 f"{self.replicas} replica{'s' * (self.replicas > 1)} (this is worker {self.worker_index}, {role})")
+
+    def any_worker(self, flag: bool) -> bool:
+        """Whether the flag is up on any worker. Every worker must ask at the
+        same point: it is a collective. It lets one worker's SIGTERM stop
+        them all at the same step, with a checkpoint the chief commits."""
+        if self.workers == 1:
+            return flag
+        return bool(self._count_raised(tf.constant(float(flag))) > 0)
+
+    @functools.cached_property
+    def _count_raised(self):
+        strategy = self.strategy
+        return tf.function(lambda flag: strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: flag),
+                                                        axis=None))
 
     def per_replica_batch(self, global_batch: int) -> int:
         if global_batch % self.replicas:

@@ -48,10 +48,23 @@ class Trainer(tf.Module):
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
         grads = tape.gradient(scaled, variables)
+        if self.mixed and self.strategy.num_replicas_in_sync > 1:
+            grads = self._overflow_everywhere_or_nowhere(grads)
         self.optimizer.apply(grads, variables)
         seen = tf.cast(tf.shape(labels)[0], tf.float32)
         self.sums.assign_add(tf.stack([tf.reduce_sum(per_example), self._count_correct(labels, logits), seen]))
         return loss
+
+    @staticmethod
+    def _overflow_everywhere_or_nowhere(grads):
+        """Keras' LossScaleOptimizer decides to skip a step from the gradients
+        it is given, before they are summed across replicas; when only one
+        replica overflows, replicas would disagree (and across workers, wait
+        on each other for ever). So an overflow anywhere counts everywhere."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        overflows = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return [tf.where(overflows == 0, g, tf.constant(float("nan"), g.dtype)) for g in grads]
 
     def _train_loop(self, iterator, steps):
         """`steps` steps in one compiled call (Orbit's steps_per_loop); the

@@ -215,7 +215,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
                                              "train/learning_rate": float(schedule(optimizer.iterations))})
             if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
                 commit()
-            if sigterm.raised:
+            if cluster.any_worker(sigterm.raised):
                 commit()
                 _preempted(store, cfg, step, cluster.is_chief)
         if in_epoch < spe:
@@ -236,7 +236,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         if history:
             history.add_epoch(entry)
         console.epoch_end(entry)
-        if sigterm.raised:
+        if cluster.any_worker(sigterm.raised):
             _preempted(store, cfg, step, cluster.is_chief)
 
     step = int(progress.step.numpy())
@@ -274,7 +274,8 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
 
 def _preempted(store: CheckpointStore, cfg: Config, step: int, is_chief: bool):
     if not is_chief:
-        raise Preempted(f"SIGTERM: stopping at step {step}; the chief commits checkpoints. Exiting to be retried")
+        raise Preempted(f"SIGTERM: stopping at step {step}, where the chief commits a checkpoint; "
+                        f"exiting to be retried")
     if store.uploader.flush(timeout=cfg.checkpoint.grace_seconds):
         raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
     raise Preempted(f"SIGTERM: the checkpoint of step {step} did not commit within checkpoint.grace_seconds "

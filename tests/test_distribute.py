@@ -280,3 +280,57 @@ def test_a_worker_that_never_starts_fails_the_job(tmp_path):
     assert rc == 75
     assert (f"worker 1 (127.0.0.1:{ports[1]}) of TF_CONFIG did not start within "
             "distribute.startup_timeout_seconds (3s)") in err
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_all_at_one_step_that_the_chief_commits(tmp_path):
+    ports = [free_port(), free_port()]
+    cmd = job_command(tmp_path, **{"train.epochs": 50})
+    chief, worker = start(cmd, tf_config_env(ports, 0)), start(cmd, tf_config_env(ports, 1))
+    latest = tmp_path / "ckpt" / "latest.json"
+    wait_until(lambda: latest.exists(), timeout=240)
+    worker.send_signal(signal.SIGTERM)
+    (rc0, _, err0), (rc1, _, err1) = finish([chief, worker], timeout=120)
+    step = json.loads(latest.read_text())["step"]
+    assert (rc0, rc1) == (75, 75), err0[-2000:] + err1[-2000:]
+    assert f"SIGTERM: committed checkpoint at step {step}; exiting to be retried" in err0
+    assert f"SIGTERM: stopping at step {step}, where the chief commits a checkpoint" in err1
+
+
+OVERFLOW_ON_ONE_REPLICA = """
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job import distribute
+from job.config import Distribute
+from job.loop import Trainer
+cluster = distribute.resolve(Distribute(cpu_devices=2))
+with cluster.strategy.scope():
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((1,))
+    net = keras.Model(inputs, keras.layers.Dense(10, dtype="float32")(keras.layers.Dense(4)(inputs)))
+    keras.config.set_dtype_policy("float32")
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    trainer = Trainer(net, opt, global_batch_size=4)
+before = [w.copy() for w in net.get_weights()]
+scale = float(opt.dynamic_scale.numpy())
+# Replica 0 gets ordinary inputs, replica 1 inputs whose float16 gradients overflow.
+x = np.array([[1.0], [1.0], [60000.0], [60000.0]], np.float32)
+ds = tf.data.Dataset.from_tensors((x, np.zeros(4, np.int32)))
+it = iter(cluster.strategy.experimental_distribute_dataset(ds))
+trainer.train_loop(it, tf.constant(1))
+after = net.get_weights()
+assert all((a == b).all() for a, b in zip(before, after, strict=True)), "the step must be skipped on every replica"
+assert float(opt.dynamic_scale.numpy()) == scale / 2
+print("skipped everywhere")
+"""
+
+
+@pytest.mark.slow
+def test_a_float16_overflow_on_one_replica_skips_the_step_on_all():
+    """Keras' LossScaleOptimizer looks at one replica's gradients only; left alone, the other
+    replica's inf reaches the weights. (A script: logical devices need a fresh TensorFlow.)"""
+    done = subprocess.run([sys.executable, "-c", OVERFLOW_ON_ONE_REPLICA], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "skipped everywhere" in done.stdout, done.stderr[-3000:]
