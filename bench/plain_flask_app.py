@@ -4,10 +4,10 @@ It loads the SavedModel once at import and runs its `serving_default`
 signature once per request: no batching, no validation layer, no metrics,
 no logging. It answers the same TF Serving REST route with the same answer
 shape as the service, so the benchmark sends both the identical request.
-Run under gunicorn with the service's worker settings (gthread, 1 worker,
-16 threads), so only the app differs:
+Run under gunicorn with the service's worker settings (gthread, its default
+worker and thread counts), so only the app differs:
 
-    PLAIN_MODEL_DIR=<base>/<version> gunicorn -k gthread -w 1 --threads 16 bench.plain_flask_app:app
+    PLAIN_MODEL_DIR=<base>/<version> gunicorn -k gthread -w 2 --threads 16 bench.plain_flask_app:app
 """
 
 import json

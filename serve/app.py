@@ -22,6 +22,7 @@ from werkzeug.routing import BaseConverter
 from serve import backends, metrics
 from serve.batching import Batcher, Overloaded
 from serve.images import BadInput
+from serve.jsonio import OrjsonProvider
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     # wrong method on the predict route, not a request for a model "x:predict".
     app.url_map.converters["model"] = ModelName
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json = OrjsonProvider(app)
     app.json.sort_keys = False
     app.extensions["predictor"] = Predictor(settings, backend)
     app.extensions["settings"] = settings

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 
 def sync_main(argv: list[str]) -> int:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind (env SERVE_HOST, default 0.0.0.0)")
     parser.add_argument("--backend", choices=["inprocess", "tfserving"], help="env SERVE_BACKEND")
     parser.add_argument("--tfserving-address", help="host:port of TF Serving's gRPC API (env SERVE_TFSERVING_ADDRESS)")
-    parser.add_argument("--workers", type=int, help="gunicorn workers (env SERVE_WORKERS, default 1)")
+    parser.add_argument("--workers", type=int,
+                        help="gunicorn workers (env SERVE_WORKERS, default: one per CPU core, at most 4)")
     parser.add_argument("--threads", type=int, help="threads per worker (env SERVE_THREADS, default 16)")
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
@@ -72,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]
-    run()
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        run()
+        return 0
+    # Each worker counts in files here and /metrics sums them; a fresh folder,
+    # so nothing from an earlier run is counted again.
+    with tempfile.TemporaryDirectory(prefix="cifar-serve-metrics-") as counts:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = counts
+        run()
     return 0
 
 

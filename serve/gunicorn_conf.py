@@ -1,10 +1,12 @@
 """gunicorn settings for `cifar-serve` (and `gunicorn -c serve/gunicorn_conf.py`).
 
-One worker with many threads by default: TensorFlow already uses every core
-for one batch, and the batcher can only coalesce requests that share a
-process. The app is built in each worker after fork (no preload), so
-TensorFlow is never loaded in the master.
+One worker per core (at most 4) with many threads by default: the batched
+model is cheap, and what bounds throughput is each request's Python, which
+one process runs on one core at a time. The app is built in each worker
+after fork (no preload), so TensorFlow is never loaded in the master.
 """
+
+import os
 
 from serve.settings import Settings
 
@@ -23,3 +25,11 @@ keepalive = 5
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
 errorlog = "-"
+
+
+def child_exit(server, worker):
+    # A dead worker's gauges leave the sums; its counters stay counted.
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -59,14 +59,18 @@ def decode_b64(text) -> np.ndarray:
 def from_nested(value, where: str) -> np.ndarray:
     """A 32x32x3 nested list of numbers in 0..255 -> uint8 [32, 32, 3]."""
     try:
-        array = np.asarray(value, dtype=np.float64)
+        # Pixels are nearly always integers: read as such they need neither
+        # a float copy nor rounding.
+        array = np.asarray(value)
+        if array.dtype.kind not in "iu":
+            array = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float64's range
         raise BadInput(f"{where}: expected a 32x32x3 nested list of numbers") from None
     if array.shape != (SIZE, SIZE, 3):
         raise BadInput(f"{where}: expected shape [32, 32, 3], got {list(array.shape)}")
-    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
         raise BadInput(f"{where}: pixel values must be numbers from 0 to 255")
-    return np.rint(array).astype(np.uint8)
+    return (np.rint(array) if array.dtype.kind == "f" else array).astype(np.uint8)
 
 
 def instance(value, where: str) -> np.ndarray:

@@ -1,11 +1,28 @@
 """Prometheus metrics: requests and latency per route and status, batch
-sizes, the model version served."""
+sizes, the model version served.
 
-from prometheus_client import Counter, Gauge, Histogram
+Under gunicorn with several workers, `cifar-serve` points
+PROMETHEUS_MULTIPROC_DIR at a fresh folder before forking them, and
+`/metrics` adds up every worker's values (prometheus-client's multiprocess
+mode) whichever worker answers the scrape.
+"""
+
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 REQUESTS = Counter("cifar_serve_requests_total", "HTTP requests", ["route", "method", "status"])
 LATENCY = Histogram("cifar_serve_request_seconds", "HTTP request latency", ["route"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 BATCH_SIZE = Histogram("cifar_serve_batch_size", "images per model call",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-MODEL_VERSION = Gauge("cifar_serve_model_version", "the model version last used to answer")
+MODEL_VERSION = Gauge("cifar_serve_model_version", "the model version last used to answer",
+                      multiprocess_mode="livemostrecent")
+
+
+def exposition() -> bytes:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

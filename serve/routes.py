@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from serve import images, schemas
+from serve import images, metrics, schemas
 from serve.images import BadInput
 
 health = Blueprint("health", __name__)
@@ -248,7 +248,7 @@ def index():
 
 @pages.get("/metrics")
 def prometheus():
-    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
 @pages.get("/openapi.json")

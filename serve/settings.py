@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -21,7 +22,11 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
-    workers: int = Field(1, ge=1)
+    # One process runs one request's Python (JSON, validation) at a time, and
+    # that, not the batched model, is what bounds throughput; so one worker
+    # per core, each with its own copy of the model and its own batcher. At
+    # most 4 by default: each worker also holds a TensorFlow runtime.
+    workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 4), ge=1)
     threads: int = Field(16, ge=1)
 
     poll_seconds: float = Field(5.0, gt=0)

@@ -318,15 +318,22 @@ def free_port() -> int:
 
 
 def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
+    """Two workers, as on a 2-core machine by default: /metrics counts both, whichever answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(port),
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "SERVE_POLL_SECONDS": "0.5"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: url_ready(url + "/readyz"), timeout=90)
-        answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]})
-        assert answer.status_code == 200 and answer.headers["X-Request-ID"]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: requests.post(f"{url}/v1/models/cifar10:predict",
+                                                            json={"instances": [PIXELS[0].tolist()]}), range(12)))
+        assert all(a.status_code == 200 and a.headers["X-Request-ID"] for a in answers)
+        counted = 'cifar_serve_requests_total{method="POST",route="/v1/models/<model:name>:predict",status="200"} 12.0'
+        for _ in range(6):  # scrapes land on either worker
+            text = requests.get(url + "/metrics").text
+            assert counted in text and "cifar_serve_model_version 1.0" in text
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
