@@ -37,6 +37,23 @@ LUA = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' 
       'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'  # the body has "]]": no Lua literal
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time so far of every process in the server's process group (gunicorn's master and workers).
+
+    Per request, it is the steadier measure: wrk's connections stay with the
+    worker that accepted them, so how they happen to spread over the workers
+    moves req/s by up to 2x from run to run, but not the work each request costs."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or one that just ended
+        if int(fields[2]) == pgid:  # after ")": state, ppid, pgrp, ..., utime (12th), stime (13th)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +121,7 @@ def wrk(port: int, seconds: int, script: Path, connections: int) -> dict:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     percentiles = out.split("Latency Distribution", 1)[1]  # not the "+/- Stdev" columns above it
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
             "p50_ms": ms(re.search(r"\s50%\s+(\S+)", percentiles).group(1)),
             "p99_ms": ms(re.search(r"\s99%\s+(\S+)", percentiles).group(1)),
             "errors": (int(non2xx.group(1)) if non2xx else 0)
@@ -160,7 +178,10 @@ def main() -> None:
                 proc, port = start(kind, base, tmp, env)
                 try:
                     wrk(port, 3, tmp / "post.lua", args.connections)  # warm-up: connections, thread pools
-                    results[name].append(wrk(port, args.duration, tmp / "post.lua", args.connections))
+                    cpu = group_cpu_seconds(proc.pid)
+                    run = wrk(port, args.duration, tmp / "post.lua", args.connections)
+                    run["cpu_ms_per_request"] = (group_cpu_seconds(proc.pid) - cpu) * 1000 / run["requests"]
+                    results[name].append(run)
                 finally:
                     stop(proc)
                 print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
@@ -169,14 +190,16 @@ def main() -> None:
     for name, runs in results.items():
         summary[name]["errors"] = sum(run["errors"] for run in runs)  # every failed request counts, not a median
     base_rps = summary["baseline (plain Flask)"]["rps"]
-    print("| server | req/s (median) | per round | p50 ms | p99 ms | errors | vs baseline | vs ceiling |\n"
-          "|---|---:|---|---:|---:|---:|---:|---:|")
+    base_cpu = summary["baseline (plain Flask)"]["cpu_ms_per_request"]
+    print("| server | req/s (median) | per round | p50 ms | p99 ms | errors | CPU ms/request | vs baseline (req/s) "
+          "| vs baseline (CPU/request) | vs ceiling |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
         rounds = ", ".join(f"{run['rps']:,.0f}" for run in results[name])
+        cpu = s["cpu_ms_per_request"]
         print(f"| {name} | {s['rps']:,.0f} | {rounds} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']:.0f} "
-              f"| {s['rps'] / base_rps:.2f}x | {s['rps'] / images_per_s:.2f}x |")
+              f"| {cpu:.2f} | {s['rps'] / base_rps:.2f}x | {base_cpu / cpu:.2f}x | {s['rps'] / images_per_s:.2f}x |")
     print(f"| ceiling: signature on batches of 32, in-process | {images_per_s:,.0f} images/s | | | | | "
-          f"{images_per_s / base_rps:.2f}x | 1.00x |")
+          f"{1000 / images_per_s:.3f} (per image) | {images_per_s / base_rps:.2f}x | | 1.00x |")
     if args.out:
         Path(args.out).write_text(json.dumps({"ceiling_images_per_s": images_per_s, "summary": summary,
                                               "runs": results, "connections": args.connections,
