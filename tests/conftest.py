@@ -85,3 +85,12 @@ def url_ready(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a server started next can still lose it to a race, rarely)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,7 +20,7 @@ import tensorflow as tf
 from job import data, distribute
 from job.config import Distribute
 from job.errors import ConfigError, PeerLost
-from tests.conftest import wait_until
+from conftest import free_port, wait_until
 
 # Runs that differ only in floating-point summation order start ~1e-7 apart
 # after one step, and training amplifies that, most on the inputs the model
@@ -37,11 +37,6 @@ AGREEMENT_RUN = {
     "checkpoint.lease_seconds": 3,
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_ports_in_a_row(n: int) -> int:

@@ -16,6 +16,12 @@ def docs(name):
     return list(yaml.safe_load_all((ROOT / "infra" / "k8s" / name).read_text()))
 
 
+def assert_a_valid_train_command(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "job", "check-config", *args[1:]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert args[0] == "train" and done.returncode == 0, done.stderr
+
+
 def test_training_job_retries_disruptions_and_fails_fast_on_bad_config():
     (job,) = docs("train-job.yaml")
     rules = job["spec"]["podFailurePolicy"]["rules"]
@@ -27,9 +33,7 @@ def test_training_job_retries_disruptions_and_fails_fast_on_bad_config():
     container = pod["containers"][0]
     assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"]
     # The container's args are a valid command line of the job.
-    done = subprocess.run([sys.executable, "-m", "job", "check-config", *container["args"][1:]], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert container["args"][0] == "train" and done.returncode == 0, done.stderr
+    assert_a_valid_train_command(container["args"])
     from job.config import Checkpoint
 
     assert pod["terminationGracePeriodSeconds"] > Checkpoint().grace_seconds
@@ -74,9 +78,7 @@ def test_tfjob_restarts_workers_and_every_worker_reads_the_operators_tf_config()
     assert container["name"] == "tensorflow" and pod["securityContext"]["runAsNonRoot"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["CIFAR_CHECKPOINT__URI"].startswith("s3://"), "every worker must reach the chief's checkpoints"
-    done = subprocess.run([sys.executable, "-m", "job", "check-config", *container["args"][1:]], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert container["args"][0] == "train" and done.returncode == 0, done.stderr
+    assert_a_valid_train_command(container["args"])
     cfg = load_config(str(ROOT / container["args"][2]), [])
     assert cfg.train.batch_size % worker["replicas"] == 0
     # TF_CONFIG as the training operator writes it, for the second worker.

@@ -6,7 +6,6 @@ import concurrent.futures
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
-from conftest import url_ready, wait_until
+from conftest import free_port, url_ready, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.settings import Settings
@@ -310,11 +309,6 @@ def test_a_model_on_s3_is_served(s3, tmp_path):
     expected = tf.nn.softmax(net(PIXELS[:2], training=False)).numpy()
     np.testing.assert_allclose([p["probabilities"] for p in answer.json["predictions"]], expected, atol=1e-6)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
