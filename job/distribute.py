@@ -61,11 +61,10 @@ class Cluster:
         return tf.function(lambda flag: strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: flag),
                                                         axis=None))
 
-    def per_replica_batch(self, global_batch: int) -> int:
+    def check_global_batch(self, global_batch: int) -> None:
         if global_batch % self.replicas:
             raise ConfigError(f"train.batch_size: {global_batch} does not split evenly across "
                               f"{self.replicas} replicas; use a multiple of {self.replicas}")
-        return global_batch // self.replicas
 
 
 _TF_CONFIG_SHAPE = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}'

@@ -87,6 +87,7 @@ def configure_determinism(cfg: Config) -> None:
 def run(cfg: Config, console: Console) -> Result:
     cluster = distribute.resolve(cfg.distribute)
     console.info(cluster.describe())
+    cluster.check_global_batch(cfg.train.batch_size)
     configure_determinism(cfg)
     uploader = Uploader(cfg.checkpoint.retry_seconds)
     store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep, uploader)
@@ -136,7 +137,6 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
                  f"examples ({cfg.data.source}, {splits.checksum[:19]})")
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment)
-    cluster.per_replica_batch(cfg.train.batch_size)
     spe = stream.steps_per_epoch
     with cluster.strategy.scope():
         net = model.build(cfg.model.name, cfg.train.mixed_precision)

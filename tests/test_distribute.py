@@ -152,8 +152,8 @@ def test_an_explicit_strategy_must_fit_the_environment():
 def test_global_batch_must_split_evenly_across_replicas():
     three = distribute.Cluster("MirroredStrategy", type("S", (), {"num_replicas_in_sync": 3})(), 1, 0)
     with pytest.raises(ConfigError, match="train.batch_size: 64 does not split evenly across 3 replicas"):
-        three.per_replica_batch(64)
-    assert three.per_replica_batch(96) == 32
+        three.check_global_batch(64)
+    three.check_global_batch(96)
 
 
 def test_aws_batch_nodes_meet_at_the_main_node_and_agree_on_the_cluster():
