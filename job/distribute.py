@@ -111,8 +111,6 @@ def _tf_config(environ: Mapping[str, str]) -> dict | None:
         if not 0 <= index < len(hosts) or task["type"] not in ("worker", "chief"):
             raise ConfigError(f"TF_CONFIG: task {task} is not one of the cluster's {len(hosts)} workers")
     except (ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
         raise ConfigError(f"TF_CONFIG is not valid: {exc!r}; expected {_TF_CONFIG_SHAPE}") from exc
     return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
 
@@ -142,7 +140,7 @@ def _gather(nodes: int, own_index: int, port: int, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     hosts: dict[int, str] = {}
     waiting: list[socket.socket] = []
-    with socket.create_server(("", port), reuse_port=False) as server:
+    with socket.create_server(("", port)) as server:
         while len(waiting) < nodes - 1:
             server.settimeout(max(deadline - time.monotonic(), 0.001))
             try:

@@ -146,8 +146,9 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     progress = Progress()
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
                                      lr_scale=schedule.scale)
-    history = History(cfg.checkpoint.uri, store.uploader) if cluster.is_chief else None
+    history = None
     if cluster.is_chief:
+        history = History(cfg.checkpoint.uri, store.uploader)
         store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
 
     if latest is not None:

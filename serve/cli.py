@@ -74,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        run()
-        return 0
-    # Each worker counts in files here and /metrics sums them; a fresh folder,
-    # so nothing from an earlier run is counted again.
+    # Each worker counts in files here and /metrics sums them; a fresh folder
+    # (unless one is given), so nothing from an earlier run is counted again.
     with tempfile.TemporaryDirectory(prefix="cifar-serve-metrics-") as counts:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = counts
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", counts)
         run()
     return 0
 

@@ -68,7 +68,7 @@ def from_nested(value, where: str) -> np.ndarray:
         raise BadInput(f"{where}: expected a 32x32x3 nested list of numbers") from None
     if array.shape != (SIZE, SIZE, 3):
         raise BadInput(f"{where}: expected shape [32, 32, 3], got {list(array.shape)}")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
+    if (array.dtype.kind == "f" and not np.all(np.isfinite(array))) or array.min() < 0 or array.max() > 255:
         raise BadInput(f"{where}: pixel values must be numbers from 0 to 255")
     return (np.rint(array) if array.dtype.kind == "f" else array).astype(np.uint8)
 
