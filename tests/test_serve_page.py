@@ -2,14 +2,20 @@
 chromium and chromium-driver, through selenium) against the service
 listening on 127.0.0.1: a person picks an image and sees the label the
 model gives it, with the top-5 classes; a file that is not an image shows
-the service's error."""
+the service's error. Ten real CIFAR-10 photos on the page do the same with
+one click, and ship inside the built package."""
 
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +24,9 @@ from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 NAME = "cifar10"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "serve" / "static" / "samples"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _executable(path: str) -> bool:
@@ -196,3 +205,100 @@ def test_a_service_that_cannot_be_reached_is_reported(page, tmp_path):
         page.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
         page.execute_cdp_cmd("Network.disable", {})
     assert page.find_element(By.ID, "label").text == ""
+
+
+def sample_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size == (32, 32)
+        return np.asarray(image.convert("RGB"))
+
+
+def test_every_sample_photo_is_served_as_a_32x32_png(server):
+    for name in CLASSES:
+        with urllib.request.urlopen(f"{server}/static/samples/{name}.png", timeout=10) as response:
+            assert response.status == 200
+            assert response.headers.get_content_type() == "image/png"
+            pixels = sample_pixels(response.read())
+        # A photograph, not a flat or noise placeholder: neighbouring pixels are alike, but the image varies.
+        assert pixels.std() > 20
+        assert np.abs(np.diff(pixels.astype(int), axis=1)).mean() < pixels.std()
+
+
+def test_the_page_offers_one_sample_button_per_class(page, version_dir):
+    from selenium.webdriver.common.by import By
+
+    buttons = page.find_elements(By.CSS_SELECTOR, "#samples button.sample")
+    labels = (version_dir / "assets" / "labels.txt").read_text().split()
+    assert [b.get_attribute("data-sample") for b in buttons] == labels == CLASSES  # one per class, in label order
+    for button, name in zip(buttons, CLASSES, strict=True):
+        image = button.find_element(By.TAG_NAME, "img")
+        assert name in image.get_attribute("alt")
+        assert button.text == name  # the visible caption is the photo's true class
+        assert page.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 32
+        assert image.value_of_css_property("image-rendering") == "pixelated"
+        assert image.size["width"] > 32  # shown upscaled
+
+
+def shown_pixels(driver, element_id: str) -> np.ndarray:
+    """The pixels of an <img> as the browser decoded them, at its natural size."""
+    flat = driver.execute_script(
+        """const img = document.getElementById(arguments[0]);
+        const canvas = document.createElement("canvas");
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const context = canvas.getContext("2d");
+        context.drawImage(img, 0, 0);
+        return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);""", element_id)
+    return np.array(flat, np.uint8).reshape(32, 32, 4)[..., :3]
+
+
+@pytest.mark.parametrize("name, how", [("cat", "click"), ("ship", "keyboard")])
+def test_choosing_a_sample_shows_its_preview_and_the_models_answer(page, server, version_dir, name, how):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    button = page.find_element(By.CSS_SELECTOR, f'#samples button[data-sample="{name}"]')
+    if how == "click":
+        button.click()
+    else:
+        button.send_keys(Keys.ENTER)  # a <button>: reachable with Tab, pressed with Enter
+    shown = wait_for_text(page, "label")
+
+    data = (SAMPLES / f"{name}.png").read_bytes()
+    answer = post_image(server, data)
+    assert shown == answer["predictions"][0]["label"]
+    assert shown == savedmodel_label(version_dir, SAMPLES / f"{name}.png")
+    # The whole top 5, to the shown decimal: the page sent this photo, not some other image.
+    rows = [row.text.split("\n") for row in page.find_elements(By.CSS_SELECTOR, "#classes .row")]
+    assert rows == [[p["label"], f"{100 * p['probability']:.1f}%"] for p in answer["predictions"]]
+    assert page.find_element(By.ID, "error").text == ""
+
+    preview = page.find_element(By.ID, "preview")
+    WebDriverWait(page, 10).until(lambda d: d.execute_script("return arguments[0].complete", preview))
+    assert preview.is_displayed() and name in preview.get_attribute("alt")
+    assert preview.size["width"] == 128  # upscaled like the samples, not a 32-pixel speck
+    assert np.array_equal(shown_pixels(page, "preview"), sample_pixels(data))
+
+
+def test_the_built_package_carries_the_page_and_its_sample_photos(tmp_path):
+    """The service image installs the package (`pip install .`), not the source tree, and the editable
+    install the tests run from would find files the wheel lacks: so build the wheel and look inside."""
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools in the virtualenv")
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    for package in ("job", "serve"):  # a copy, so the build leaves nothing in the checkout
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+
+    expected = ["serve/static/index.html", "serve/static/samples/README.md"]
+    expected += [f"serve/static/samples/{name}.png" for name in CLASSES]
+    with zipfile.ZipFile(wheel) as archive:
+        missing = [path for path in expected if path not in archive.namelist()]
+        assert not missing, f"not in the wheel (pyproject.toml [tool.setuptools.package-data]): {missing}"
+        for path in expected:
+            assert archive.read(path) == (ROOT / path).read_bytes()
