@@ -19,8 +19,10 @@ import pathlib
 import pickle
 import posixpath
 import re
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -40,6 +42,9 @@ CANONICAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CANONICAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
 DOWNLOAD_TIMEOUT_S = 60  # per socket operation, so a stalled server cannot hang the job
+PROGRESS_LOG_STEP = 0.1  # batch logs: a line per tenth of the archive
+PROGRESS_LOG_BYTES = 20_000_000  # ... or per 20 MB when the server sends no Content-Length
+PROGRESS_REFRESH_S = 0.2  # a terminal's live line: redrawn at most this often
 RECORD_BYTES = 1 + 3 * 32 * 32
 SPLITS = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 BIN_NAMES = [s + ".bin" for s in SPLITS]
@@ -101,14 +106,74 @@ def _download(url: str, cache_dir: pathlib.Path, expected_md5: str | None = None
     def get(tmp: pathlib.Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
+                length = resp.headers.get("Content-Length")
+                progress = _Progress(url, int(length) if length and length.isdigit() else None)
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
+                    progress.advance(len(chunk))
+                progress.finish()
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             raise DataError(f"could not download {url}: {e}") from e
+        # http.client ends a body cut short by a closed connection without an
+        # error; cached, such a file would fail every later run.
+        if progress.total is not None and progress.done != progress.total:
+            raise DataError(f"could not download {url}: the connection closed after {progress.done} of "
+                            f"{progress.total} bytes")
         if expected_md5 is not None and (got := _md5(tmp)) != expected_md5:
             raise DataError(f"checksum mismatch for {url}: expected MD5 {expected_md5}, got {got}")
 
-    return _into_cache(dest, get)
+    _into_cache(dest, get)
+    print(f"cached {url} at {dest}", file=sys.stderr, flush=True)
+    return dest
+
+
+class _Progress:
+    """The download's progress on stderr: one live line on a terminal; in
+    batch logs a plain line per PROGRESS_LOG_STEP of the archive (or per
+    PROGRESS_LOG_BYTES when the server gives no length), so a log never holds
+    thousands of them."""
+
+    def __init__(self, url: str, total: int | None):
+        self.total, self.done = total, 0
+        self.stream = sys.stderr
+        self.live = self.stream.isatty()
+        self.start = self.last_draw = time.monotonic()
+        self.next_log = self._log_every()
+        size = f" ({total / 1e6:.1f} MB)" if total is not None else ""
+        self._line(f"downloading {url}{size}")
+
+    def _log_every(self) -> int:
+        return max(1, int(self.total * PROGRESS_LOG_STEP)) if self.total else PROGRESS_LOG_BYTES
+
+    def _status(self) -> str:
+        rate = self.done / 1e6 / max(time.monotonic() - self.start, 1e-6)
+        if self.total:
+            return (f"{self.done / 1e6:.1f} / {self.total / 1e6:.1f} MB  {100 * self.done // self.total:3d} %  "
+                    f"{rate:.1f} MB/s")
+        return f"{self.done / 1e6:.1f} MB  {rate:.1f} MB/s"
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.live:
+            if now - self.last_draw >= PROGRESS_REFRESH_S:
+                self.last_draw = now
+                self.stream.write(f"\r  {self._status()}\033[K")
+                self.stream.flush()
+        elif self.done >= self.next_log and self.done != self.total:
+            self._line(f"  {self._status()}")
+            while self.next_log <= self.done:
+                self.next_log += self._log_every()
+
+    def finish(self) -> None:
+        if self.live:
+            self.stream.write(f"\r  {self._status()}\033[K\n")
+            self.stream.flush()
+        else:
+            self._line(f"  {self._status()}")
 
 
 def _into_cache(dest: pathlib.Path, get) -> pathlib.Path:
