@@ -1,4 +1,4 @@
-"""`cifar-job`: train, check-config, evaluate, submit.
+"""`cifar-job`: train, check-config, fetch-data, evaluate, submit.
 
 Errors the user can act on print one line naming what is wrong and exit with
 the contract's code (2 config, 3 data, 4 storage, 5 diverged, 75 preempted);
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", parents=[with_config], help="train, checkpoint and export")
     sub.add_parser("check-config", parents=[with_config], help="print the resolved config, or why it is invalid")
+    fetch = sub.add_parser("fetch-data", parents=[with_config],
+                           help="download, verify, cache and parse the config's data as train would; print a summary")
+    fetch.add_argument("--to", metavar="URI",
+                       help="also store the archive at this local path or s3://bucket/key, unless it already "
+                            "holds an object (then nothing is downloaded)")
     ev = sub.add_parser("evaluate", parents=[with_config], help="score an exported model on the test split")
     ev.add_argument("--model", required=True, metavar="URI",
                     help="a version directory, or <export.uri>/<model_name> for its highest version")
@@ -90,6 +95,13 @@ def _dispatch(args) -> int:
     console = Console(args.log_format)
     if args.command == "check-config":
         print(cfg.dump(), end="")
+        return 0
+    if args.command == "fetch-data":
+        from job import fetch
+
+        summary = fetch.fetch(cfg, Console(args.log_format, stream=sys.stderr), args.to)
+        if summary is not None:
+            print(json.dumps(summary))
         return 0
     if args.command == "train":
         from job import train

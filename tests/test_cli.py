@@ -144,6 +144,7 @@ def test_debug_shows_the_traceback(tmp_path):
     ("check-config", "--set"),  # --set without its value
     ("check-config", "--no-such-flag"),
     ("check-config", "--log-format", "xml"),
+    ("fetch-data", "--to"),  # --to without its URI
 ])
 def test_usage_errors_exit_2(tmp_path, args):
     proc = cli(tmp_path, *args)
@@ -155,7 +156,7 @@ def test_usage_errors_exit_2(tmp_path, args):
 def test_help_exits_0(tmp_path):
     proc = cli(tmp_path, "--help")
     assert proc.returncode == 0
-    for command in ("train", "check-config", "evaluate"):
+    for command in ("train", "check-config", "fetch-data", "evaluate"):
         assert command in proc.stdout
 
 
