@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,12 @@ def _warmup_record(model_name: str) -> bytes:
     return log.SerializeToString()
 
 
-def write_saved_model(model, directory: Path, model_name: str, card: dict) -> None:
+def write_saved_model(model, directory: Path, model_name: str, card: dict,
+                      class_names: Sequence[str] = CLASS_NAMES) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         labels = Path(tmp) / "labels.txt"
-        labels.write_text("\n".join(CLASS_NAMES) + "\n")
+        # One name per line: a class folder's name may hold spaces.
+        labels.write_text("".join(name + "\n" for name in class_names), encoding="utf-8")
         module = ServingModule(model, str(labels))
         tf.saved_model.save(module, str(directory), signatures={
             SIGNATURE: module.serve, BYTES_SIGNATURE: module.serve_bytes})
@@ -82,12 +85,13 @@ def verify(model, directory: Path, probe: np.ndarray) -> None:
                        f"by up to {np.abs(got - expected).max():.3g}; nothing was published")
 
 
-def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarray) -> tuple[int, str]:
-    """Publish the next version; return (version, its URI)."""
+def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarray,
+           class_names: Sequence[str] = CLASS_NAMES) -> tuple[int, str]:
+    """Publish the next version, labelled with `class_names`; return (version, its URI)."""
     base = storage.join(export_uri, model_name)
     backend = storage.backend(export_uri)
     staged = backend.staging(base)
-    write_saved_model(model, staged, model_name, card)
+    write_saved_model(model, staged, model_name, card, class_names)
     verify(model, staged, probe)
     version = 1 + max((int(n) for n in backend.published(base) if n.isdigit()), default=0)
     while True:

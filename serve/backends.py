@@ -88,7 +88,8 @@ class InProcess:
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
         labels_file = path / "assets" / "labels.txt"
-        labels = tuple(labels_file.read_text().split()) if labels_file.is_file() else CLASS_NAMES
+        # One name per line, as the job writes them: a name may hold spaces ("red square").
+        labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES
         return Loaded(version, signature, labels)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
