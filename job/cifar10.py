@@ -53,11 +53,12 @@ SUBFOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
-def load_cifar10(uri: str | None, cache_dir: pathlib.Path) -> tuple[Arrays, Arrays]:
+def load_cifar10(uri: str | None, cache_dir: pathlib.Path, shown_as: str | None = None) -> tuple[Arrays, Arrays]:
     """Returns ((x_train, y_train), (x_test, y_test)); x uint8 [N,32,32,3] (NHWC), y int32 [N].
 
     `uri` is a local directory or archive, or an http(s) URL; object-store
-    URIs are brought to a local file by job.storage before they get here.
+    URIs are brought to a local copy by job.storage before they get here,
+    and `shown_as` then names the original in messages.
     """
     cache_dir = pathlib.Path(cache_dir)
     if uri is None:
@@ -72,11 +73,12 @@ def load_cifar10(uri: str | None, cache_dir: pathlib.Path) -> tuple[Arrays, Arra
 
     if not path.exists():
         raise DataError(f"CIFAR-10 data not found: {path} does not exist")
-    groups = _directory_groups(path) if path.is_dir() else _tar_groups(path)
-    where, files, binary = _pick(groups, path)
+    shown = shown_as or str(path)
+    groups = _directory_groups(path, shown) if path.is_dir() else _tar_groups(path, shown)
+    where, files, binary = _pick(groups, shown)
 
     parse = _parse_binary if binary else _parse_pickle
-    batches = [parse(files[n], f"{where}/{n}") for n in (BIN_NAMES if binary else SPLITS)]
+    batches = [parse(files[n], posixpath.join(where, n)) for n in (BIN_NAMES if binary else SPLITS)]
     x_train = np.concatenate([x for x, _ in batches[:5]])
     y_train = np.concatenate([y for _, y in batches[:5]])
     return (x_train, y_train), batches[5]
@@ -194,15 +196,22 @@ def _into_cache(dest: pathlib.Path, get) -> pathlib.Path:
 # --- finding the batch files -------------------------------------------------
 
 
-def _directory_groups(path: pathlib.Path) -> dict[str, dict[str, bytes | pathlib.Path]]:
+def is_batch_file(relative: str) -> bool:
+    """Whether a path inside a data directory is one the loader may read."""
+    folder, _, name = relative.rpartition("/")
+    return folder in ("", *SUBFOLDERS) and name in BIN_NAMES + SPLITS
+
+
+def _directory_groups(path: pathlib.Path, shown: str) -> dict[str, dict[str, bytes | pathlib.Path]]:
     groups = {}
-    for d in (path, *(path / s for s in SUBFOLDERS)):
-        if d.is_dir():
-            groups[str(d)] = {n: d / n for n in BIN_NAMES + SPLITS if (d / n).is_file()}
+    for sub in ("", *SUBFOLDERS):
+        if (path / sub).is_dir():
+            groups[posixpath.join(shown, sub) if sub else shown] = {
+                n: path / sub / n for n in BIN_NAMES + SPLITS if (path / sub / n).is_file()}
     return groups
 
 
-def _tar_groups(path: pathlib.Path) -> dict[str, dict[str, bytes | pathlib.Path]]:
+def _tar_groups(path: pathlib.Path, shown: str) -> dict[str, dict[str, bytes | pathlib.Path]]:
     # One streaming pass over the archive: seeking back inside a gzip stream
     # means decompressing it again from the start.
     groups: dict[str, dict[str, bytes | pathlib.Path]] = {}
@@ -212,15 +221,15 @@ def _tar_groups(path: pathlib.Path) -> dict[str, dict[str, bytes | pathlib.Path]
                 name = posixpath.normpath(member.name)
                 folder, base = posixpath.split(name)
                 if member.isfile() and base in BIN_NAMES + SPLITS:
-                    groups.setdefault(f"{path}:{folder}" if folder else str(path), {})[base] = (
+                    groups.setdefault(f"{shown}:{folder}" if folder else shown, {})[base] = (
                         tar.extractfile(member).read()
                     )
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is not a readable tar archive: {e}") from e
+        raise DataError(f"{shown} is not a readable tar archive: {e}") from e
     return groups
 
 
-def _pick(groups, path: pathlib.Path) -> tuple[str, dict, bool]:
+def _pick(groups, shown: str) -> tuple[str, dict, bool]:
     # The binary layout wins whenever any of its files is present anywhere;
     # once a layout is chosen, all six of its files must be there.
     for names, binary in ((BIN_NAMES, True), (SPLITS, False)):
@@ -230,7 +239,7 @@ def _pick(groups, path: pathlib.Path) -> tuple[str, dict, bool]:
                 if missing:
                     raise DataError(f"{where}: missing CIFAR-10 batch file(s) {', '.join(missing)}")
                 return where, files, binary
-    raise DataError(f"no CIFAR-10 batch files (data_batch_1.bin ... or data_batch_1 ...) found in {path}")
+    raise DataError(f"no CIFAR-10 batch files (data_batch_1.bin ... or data_batch_1 ...) found in {shown}")
 
 
 # --- parsing ---------------------------------------------------------------

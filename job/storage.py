@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from job.errors import StorageError
@@ -87,7 +88,7 @@ class LocalStorage:
     def delete_object(self, uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
-    def cached_copy(self, uri: str, cache_dir: Path) -> Path:
+    def cached_copy(self, uri: str, cache_dir: Path, wanted: Callable[[str], bool] | None = None) -> Path:
         return Path(uri).expanduser()
 
     def local_copy(self, uri: str) -> Path:
@@ -102,22 +103,6 @@ class LocalStorage:
         if root.is_dir():
             for leftover in root.glob(_STAGING_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-
-    def exists(self, uri: str) -> bool:
-        return Path(uri).exists()
-
-    def upload_file(self, path: Path, uri: str) -> None:
-        """Copy a local file to `uri`; readers see all of it or nothing."""
-        dest = Path(uri)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class S3Storage:
@@ -167,17 +152,8 @@ class S3Storage:
 
     def read_bytes(self, uri: str) -> bytes | None:
         bucket, key = self.split(uri)
-        return self._call(uri, "read", self._get, bucket, key)
-
-    def _get(self, bucket: str, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
+        return self._call(uri, "read", _unless_missing, lambda: self.client.get_object(
+            Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read())
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = self.split(uri)
@@ -206,12 +182,16 @@ class S3Storage:
                    Body=json.dumps(manifest, indent=1).encode())
         shutil.rmtree(staged, ignore_errors=True)
 
-    def _keys(self, uri: str) -> list[str]:
+    def _objects(self, uri: str) -> dict[str, dict]:
+        """The objects under `uri` as a directory holds files: {key relative to uri: listing entry}."""
         bucket, key = self.split(uri)
         prefix = f"{key}/" if key else ""
         pages = self._call(uri, "list", lambda: list(
             self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)))
-        return [obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])]
+        return {obj["Key"][len(prefix):]: obj for page in pages for obj in page.get("Contents", [])}
+
+    def _keys(self, uri: str) -> list[str]:
+        return list(self._objects(uri))
 
     def published(self, uri: str) -> list[str]:
         return sorted(k.split("/")[0] for k in self._keys(uri) if k.count("/") == 1 and k.endswith("/" + self.MARKER))
@@ -245,24 +225,66 @@ class S3Storage:
                                    f"when it was published")
         return dest
 
-    def cached_copy(self, uri: str, cache_dir: Path) -> Path:
-        """A single object as a local file, cached under its ETag so a changed object is fetched again."""
+    def cached_copy(self, uri: str, cache_dir: Path, wanted: Callable[[str], bool] | None = None) -> Path:
+        """A local copy of `uri` kept in `cache_dir` across runs: an object as a file, or else the
+        objects under the prefix `uri` as a directory (those whose relative key `wanted` accepts).
+
+        Each object is cached under its ETag: a second call downloads nothing, and an object
+        replaced since is fetched again.
+        """
         bucket, key = self.split(uri)
-        head = self._call(uri, "read", self.client.head_object, Bucket=bucket, Key=key)
-        etag = head["ETag"].strip('"')
-        dest = cache_dir / f"s3-{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{etag}-{Path(key).name}"
-        if dest.is_file() and dest.stat().st_size == head["ContentLength"]:
-            return dest
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
-        try:
-            self._call(uri, "download", self.client.download_file, bucket, key, str(tmp))
-            if tmp.stat().st_size != head["ContentLength"]:
-                raise StorageError(f"{uri}: downloaded {tmp.stat().st_size} bytes of {head['ContentLength']}")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        name = f"s3-{hashlib.sha256(f's3://{bucket}/{key}'.encode()).hexdigest()[:12]}"
+        head = None
+        if key and not uri.endswith("/"):
+            head = self._call(uri, "read", _unless_missing, self.client.head_object, Bucket=bucket, Key=key)
+        if head is None:
+            return self._cached_prefix(uri, cache_dir / f"{name}-{Path(key).name or bucket}", wanted)
+        size, etag = head["ContentLength"], head["ETag"]
+        dest = cache_dir / "-".join((name, etag.strip('"'), Path(key).name))
+        if not (dest.is_file() and dest.stat().st_size == size):
+            self._download(uri, {key: (dest, size, etag)})
         return dest
+
+    _ETAGS = ".s3-etags.json"
+
+    def _cached_prefix(self, uri: str, dest: Path, wanted: Callable[[str], bool] | None) -> Path:
+        bucket, key = self.split(uri)
+        prefix = f"{key}/" if key else ""
+        # Keys no directory can hold ("a//b", "../x", folder markers ending in "/") are not data.
+        listed = {rel: obj for rel, obj in self._objects(uri).items()
+                  if not {"", ".", ".."} & set(rel.split("/")) and (wanted is None or wanted(rel))}
+        etags_file = dest / self._ETAGS
+        try:
+            recorded = json.loads(etags_file.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        fresh = {rel: etag for rel, etag in recorded.items() if rel in listed
+                 and etag == listed[rel]["ETag"] and (dest / rel).is_file()
+                 and (dest / rel).stat().st_size == listed[rel]["Size"]}
+        for path in dest.rglob("*"):
+            if path.is_file() and path != etags_file and path.relative_to(dest).as_posix() not in listed:
+                path.unlink()  # gone from the prefix, so gone from the copy
+        # The record never vouches for a file while it is being replaced.
+        record = LocalStorage().write_bytes
+        record(str(etags_file), json.dumps(fresh).encode())
+        self._download(uri, {f"{prefix}{rel}": (dest / rel, obj["Size"], obj["ETag"])
+                             for rel, obj in listed.items() if rel not in fresh})
+        record(str(etags_file), json.dumps({rel: obj["ETag"] for rel, obj in listed.items()}).encode())
+        return dest
+
+    def _download(self, uri: str, objects: dict[str, tuple[Path, int, str]]) -> None:
+        """Fetch {key: (local path, size, ETag)} in parallel with boto3's transfer manager, which
+        writes each file under a temporary name and renames it whole."""
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        bucket, _ = self.split(uri)
+        with create_transfer_manager(self.client, TransferConfig()) as manager:
+            futures = {}
+            for key, (path, size, etag) in objects.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                futures[key] = manager.download(bucket, key, str(path), subscribers=[_Listed(size, etag)])
+            for key, future in futures.items():
+                self._call(f"s3://{bucket}/{key}", "download", future.result)
 
     def working_dir(self, uri: str) -> Path:
         path = Path(tempfile.gettempdir()) / "cifar-mirror" / uri.replace("://", "/")
@@ -287,18 +309,30 @@ class S3Storage:
     def clean_staging(self, uri: str) -> None:
         """Staging is local and temporary; nothing is left in the bucket."""
 
-    def exists(self, uri: str) -> bool:
-        bucket, key = self.split(uri)
-        # A listing, not a HEAD: a missing bucket is then an error, not a missing object. A key
-        # sorts before every longer key it prefixes, so the object, if there, comes first.
-        listed = self._call(uri, "read", self.client.list_objects_v2, Bucket=bucket, Prefix=key, MaxKeys=1)
-        return any(obj["Key"] == key for obj in listed.get("Contents", []))
 
-    def upload_file(self, path: Path, uri: str) -> None:
-        bucket, key = self.split(uri)
-        # boto3's transfer manager: a large file goes up in parallel parts, each checksummed.
-        self._call(uri, "upload to", self.client.upload_file, str(path), bucket, key,
-                   ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+def _unless_missing(fn, *args, **kwargs):
+    """fn's answer, or None where the object does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+class _Listed:
+    """An s3transfer subscriber handing the transfer manager what a listing already said, as the
+    AWS CLI's sync does: without it each download starts with a HEAD request."""
+
+    def __init__(self, size: int, etag: str):
+        self.size, self.etag = size, etag
+
+    def on_queued(self, future, **kwargs):
+        future.meta.provide_transfer_size(self.size)
+        # The parts of a large object are then fetched If-Match this ETag.
+        future.meta.provide_object_etag(self.etag)
 
 
 def _sha256(path: Path) -> str:

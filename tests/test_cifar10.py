@@ -11,6 +11,7 @@ import socket
 import struct
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,14 @@ from job.errors import DataError
 
 TRAIN_COUNTS = (7, 7, 7, 7, 7)
 N_TEST = 5
+REAL_SMALL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"
+
+
+def real_small(folder: Path) -> Path:
+    """The 500 real images of tests/data, extracted under `folder`; returns their cifar-10-batches-bin/."""
+    with tarfile.open(REAL_SMALL) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "cifar-10-batches-bin"
 
 
 def make_batches(train_counts=TRAIN_COUNTS, n_test=N_TEST, seed=0):
@@ -116,6 +125,17 @@ def test_binary_dir_reads_exact_pixels_and_labels(tmp_path):
     assert x_train[3, 1, 2, 2] == record[1 + 2 * 1024 + 34]  # blue
     # The first record of batch 2 follows the 7 of batch 1.
     assert x_train[7, 0, 0, 0] == (tmp_path / "data_batch_2.bin").read_bytes()[1]
+
+
+def test_real_images_read_the_same_from_the_archive_and_its_extracted_folder(tmp_path):
+    (x_train, y_train), (x_test, y_test) = load_cifar10(str(REAL_SMALL), tmp_path / "cache")
+    assert x_train.shape == (300, 32, 32, 3) and x_test.shape == (200, 32, 32, 3)
+    assert set(y_train) == set(range(10)) and set(y_test) == set(range(10))
+    folder = real_small(tmp_path / "x")
+    for got, expected in zip(load_cifar10(str(folder.parent), tmp_path / "cache"),
+                             ((x_train, y_train), (x_test, y_test)), strict=True):
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
 
 
 def test_binary_nested_dir(tmp_path):
