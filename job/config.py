@@ -30,7 +30,7 @@ class SyntheticData(Section):
 
 
 class Data(Section):
-    source: Literal["synthetic", "cifar10"] = "synthetic"
+    source: Literal["synthetic", "cifar10", "folder"] = "synthetic"
     # None means the canonical CIFAR-10 binary archive (checksum verified).
     uri: str | None = None
     cache_dir: str = "~/.cache/cifar10-pipeline"

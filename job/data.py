@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from job import cifar10, storage
+from job import cifar10, image_folder, storage
 from job.config import Config
 from job.errors import ConfigError
 
@@ -34,6 +34,7 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     checksum: str
+    class_names: tuple[str, ...]  # label i is class_names[i]
 
 
 def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -63,19 +64,32 @@ def synthetic(train_size: int, test_size: int) -> tuple[tuple[np.ndarray, np.nda
 def load(cfg: Config) -> Splits:
     if cfg.data.source == "synthetic":
         (x, y), (x_test, y_test) = synthetic(cfg.data.synthetic.train_size, cfg.data.synthetic.test_size)
+        class_names = CLASS_NAMES
     else:
-        cache = Path(cfg.data.cache_dir).expanduser()
-        uri = cfg.data.uri
-        if uri is not None and storage.is_object_store(uri):
-            uri = str(storage.backend(uri).cached_copy(uri, cache))
-        (x, y), (x_test, y_test) = cifar10.load_cifar10(uri, cache)
+        (x, y), (x_test, y_test), class_names = _read(cfg)
     digest = hashlib.sha256()
     for array in (x, y, x_test, y_test):
         digest.update(np.ascontiguousarray(array).tobytes())
     n_val = cfg.data.validation_size
     order = np.random.default_rng([cfg.seed, 0x5A11]).permutation(len(x))
     train, val = np.sort(order[n_val:]), np.sort(order[:n_val])
-    return Splits(x[train], y[train], x[val], y[val], x_test, y_test, "sha256:" + digest.hexdigest())
+    return Splits(x[train], y[train], x[val], y[val], x_test, y_test, "sha256:" + digest.hexdigest(), class_names)
+
+
+def _read(cfg: Config):
+    uri, cache = cfg.data.uri, Path(cfg.data.cache_dir).expanduser()
+    folder = cfg.data.source == "folder"
+    if folder and uri is None:
+        raise ConfigError("data.uri: data.source 'folder' needs a directory, .tar.gz, .zip or s3:// prefix "
+                          "holding train/<class>/ and test/<class>/ images")
+    local = uri
+    if uri is not None and storage.is_object_store(uri):
+        # Only what the loader reads is fetched: a prefix may hold much else.
+        wanted = image_folder.is_image if folder else cifar10.is_batch_file
+        local = str(storage.backend(uri).cached_copy(uri, cache, wanted))
+    if folder:
+        return image_folder.load_image_folder(local, shown_as=uri)
+    return *cifar10.load_cifar10(local, cache, shown_as=uri), CLASS_NAMES
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -260,12 +260,13 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "data_checksum": splits.checksum,
-        "class_names": list(data.CLASS_NAMES),
+        "class_names": list(splits.class_names),
         "config": cfg.model_dump(mode="json"),
         "tensorflow": tf.__version__,
         "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
     }
-    version, uri = export.export(net, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64])
+    version, uri = export.export(net, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
+                                 splits.class_names)
     console.info(f"exported model version {version} to {uri}")
     store.update(record, finished=True, export={"version": version, "uri": uri, "test_accuracy": test_acc,
                                                 "test_loss": test_loss})

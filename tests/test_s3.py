@@ -116,3 +116,129 @@ def test_working_dir_sync_sends_new_and_changed_files(s3):
     backend.sync(uri)
     assert backend.read_bytes(f"{uri}/events.1") == b"first, then more"
     assert backend.read_bytes(f"{uri}/events.2") == b"second"
+
+
+# --- data.uri as an S3 prefix -------------------------------------------------
+
+
+def _upload_tree(bucket, folder, prefix):
+    import boto3
+
+    client = boto3.client("s3")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
+
+
+def _data_config(uri, tmp_path, source="cifar10"):
+    from job.config import load_config
+
+    return load_config(None, [f"data.source={source}", f"data.uri={uri}", "data.validation_size=50",
+                              f"data.cache_dir={tmp_path / 'cache'}"])
+
+
+def _python_layout(binary_folder, folder):
+    """The same images as the real binary files, in the python layout."""
+    from job import cifar10
+    from test_cifar10 import write_python
+
+    return write_python(folder, {name: cifar10._parse_binary(binary_folder / f"{name}.bin", name)
+                                 for name in cifar10.SPLITS})
+
+
+@pytest.fixture
+def gets(s3):
+    """The keys the job's own S3 client GETs (observed through botocore's event hooks, not mocked)."""
+    client = storage.backend(f"s3://{s3}").client
+    keys = []
+
+    def record(params, **kwargs):
+        keys.append(params["Key"])
+
+    client.meta.events.register("before-parameter-build.s3.GetObject", record)
+    yield keys
+    client.meta.events.unregister("before-parameter-build.s3.GetObject", record)
+
+
+@pytest.mark.parametrize("layout, slash", [("binary", "/"), ("binary-subfolder", ""), ("python-subfolder", "/")])
+def test_a_prefix_reads_like_the_local_directory(s3, tmp_path, layout, slash):
+    from job import data
+
+    from test_cifar10 import real_small
+
+    binary = real_small(tmp_path / "real")
+    local = {"binary": binary, "binary-subfolder": binary.parent,
+             "python-subfolder": _python_layout(binary, tmp_path / "py" / "cifar-10-batches-py").parent}[layout]
+    _upload_tree(s3, local, "datasets/cifar/")
+    uri = f"s3://{s3}/datasets/cifar{slash}"
+    remote, here = data.load(_data_config(uri, tmp_path)), data.load(_data_config(local, tmp_path))
+    assert remote.checksum == here.checksum and remote.class_names == here.class_names == data.CLASS_NAMES
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(remote, name), getattr(here, name))
+    assert len(remote.x_train) + len(remote.x_val) == 300 and len(remote.x_test) == 200
+
+
+def test_a_prefix_is_cached_by_etag_and_follows_changes(s3, tmp_path, gets):
+    import boto3
+
+    from job import cifar10, data
+    from job.errors import DataError
+    from test_cifar10 import real_small
+
+    folder = real_small(tmp_path / "real")
+    _upload_tree(s3, folder, "real/")
+    cfg = _data_config(f"s3://{s3}/real/", tmp_path)
+    first = data.load(cfg)
+    # Only the batch files are fetched, not batches.meta.txt beside them.
+    assert sorted(gets) == sorted(f"real/{name}" for name in cifar10.BIN_NAMES)
+
+    gets.clear()
+    second = data.load(cfg)
+    assert gets == [] and second.checksum == first.checksum
+
+    raw = (folder / "data_batch_2.bin").read_bytes()
+    boto3.client("s3").put_object(Bucket=s3, Key="real/data_batch_2.bin", Body=raw[: 10 * cifar10.RECORD_BYTES])
+    third = data.load(cfg)
+    assert gets == ["real/data_batch_2.bin"] and len(third.x_train) + len(third.x_val) == 250
+
+    # An object gone from the prefix is gone from the copy, not read from the cache.
+    boto3.client("s3").delete_object(Bucket=s3, Key="real/test_batch.bin")
+    with pytest.raises(DataError, match=rf"s3://{s3}/real/: missing CIFAR-10 batch file\(s\) test_batch\.bin"):
+        data.load(cfg)
+
+
+def test_a_cached_archive_is_not_downloaded_again(s3, tmp_path, gets):
+    import boto3
+
+    from job import data
+    from test_cifar10 import REAL_SMALL
+
+    boto3.client("s3").upload_file(str(REAL_SMALL), s3, "real.tar.gz")
+    cfg = _data_config(f"s3://{s3}/real.tar.gz", tmp_path)
+    first = data.load(cfg)
+    assert gets == ["real.tar.gz"]
+    assert data.load(cfg).checksum == first.checksum and gets == ["real.tar.gz"]
+
+
+def test_a_prefix_without_batch_files_is_a_data_error_naming_it(s3, tmp_path):
+    import boto3
+
+    from job import data
+    from job.errors import DataError
+
+    boto3.client("s3").put_object(Bucket=s3, Key="other/readme.txt", Body=b"no batches here")
+    for uri in (f"s3://{s3}/other/", f"s3://{s3}/nothing/here"):
+        with pytest.raises(DataError, match=f"no CIFAR-10 batch files .* found in {uri}$") as info:
+            data.load(_data_config(uri, tmp_path))
+        assert info.value.exit_code == 3
+
+
+@pytest.mark.parametrize("uri", ["s3://data-bucket/cifar/", "s3://data-bucket/cifar.tar.gz"])
+def test_an_unreachable_data_endpoint_is_a_storage_error(s3, tmp_path, monkeypatch, uri):
+    from job import data
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StorageError, match="data-bucket.*127.0.0.1:9") as info:
+        data.load(_data_config(uri, tmp_path))
+    assert info.value.exit_code == 4
