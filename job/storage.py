@@ -104,6 +104,22 @@ class LocalStorage:
             for leftover in root.glob(_STAGING_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
 
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists()
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        """Copy a local file to `uri`; readers see all of it or nothing."""
+        dest = Path(uri)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
 
 class S3Storage:
     """S3 and anything that speaks it (MinIO), configured only by boto3's own
@@ -308,6 +324,19 @@ class S3Storage:
 
     def clean_staging(self, uri: str) -> None:
         """Staging is local and temporary; nothing is left in the bucket."""
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = self.split(uri)
+        # A listing, not a HEAD: a missing bucket is then an error, not a missing object. A key
+        # sorts before every longer key it prefixes, so the object, if there, comes first.
+        listed = self._call(uri, "read", self.client.list_objects_v2, Bucket=bucket, Prefix=key, MaxKeys=1)
+        return any(obj["Key"] == key for obj in listed.get("Contents", []))
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        bucket, key = self.split(uri)
+        # boto3's transfer manager: a large file goes up in parallel parts, each checksummed.
+        self._call(uri, "upload to", self.client.upload_file, str(path), bucket, key,
+                   ExtraArgs={"ChecksumAlgorithm": "SHA256"})
 
 
 def _unless_missing(fn, *args, **kwargs):
