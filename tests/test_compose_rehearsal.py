@@ -1,14 +1,20 @@
 """`docker compose up`, rehearsed without Docker: each compose service's own
 command and environment, run as a local process, with moto's S3 server on
-127.0.0.1 in MinIO's place and a TF Serving stand-in (a gRPC server built
-from tensorflow-serving-api's services) in TF Serving's. Ends with a
-prediction through the service, as a user's first request would."""
+127.0.0.1 in MinIO's place, a local HTTP server in the place of the
+canonical CIFAR-10 archive's host (serving a 500-image slice of the real
+data set), and a TF Serving stand-in (a gRPC server built from
+tensorflow-serving-api's services) in TF Serving's. Ends with a prediction
+through the service, as a user's first request would, and a second `up`
+that neither downloads nor trains."""
 
+import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import boto3
@@ -18,8 +24,9 @@ import requests
 import tensorflow as tf
 import yaml
 
-from conftest import url_ready, wait_until
+from conftest import free_port, url_ready, wait_until
 from test_containers import compose_config
+from test_fetch_data import REAL_SMALL, ArchiveServer
 from test_serve_tfserving import FakeTFServing, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,25 +40,72 @@ def service_env(service: dict, s3_endpoint: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CIFAR_", "SERVE_"))}, **env}
 
 
+def fresh_bucket(s3_endpoint: str, env: dict) -> boto3.client:
+    """buckets: `mc mb --ignore-existing local/cifar`, done through the S3 API; emptied, as a first `up` finds it."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    s3.create_bucket(Bucket="cifar")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cifar"):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket="cifar", Key=obj["Key"])
+    return s3
+
+
+def run_dataset(service: dict, env: dict, origin: str, md5: str, workdir: Path) -> subprocess.CompletedProcess:
+    """The dataset service: its entrypoint (a shell) and command exactly as compose resolves them, in a
+    fresh container's empty cache, with `cifar-job` on PATH fetching the canonical archive from `origin`
+    (the canonical URL swapped for a local one, as MinIO's address is for moto's)."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "cifar-job"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom job import cifar10\n"
+                      f"cifar10.CANONICAL_URL, cifar10.CANONICAL_MD5 = {origin!r}, {md5!r}\n"
+                      "from job.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    # `docker-compose config` keeps compose's `$$` escape; the container's shell sees `$`.
+    argv = [*service["entrypoint"], *(arg.replace("$$", "$") for arg in service["command"])]
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(ROOT),
+           "CIFAR_DATA__CACHE_DIR": str(workdir / "cache")}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def origin():
+    """The canonical archive's host, here: serves the real 500-image slice and counts requests."""
+    httpd = ArchiveServer()
+    httpd.files["/cifar-10-binary.tar.gz"] = REAL_SMALL.read_bytes()
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
+    httpd.archive = httpd.url + "/cifar-10-binary.tar.gz"
+    httpd.md5 = hashlib.md5(REAL_SMALL.read_bytes()).hexdigest()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
 @pytest.mark.timeout(600)
-def test_compose_services_rehearsed_as_local_processes(s3_server, tmp_path):
+def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_path):
     services = compose_config()["services"]
     env = {name: service_env(s, s3_server) for name, s in services.items()}
     # Short enough for CI: the compose file reads these from the environment too.
-    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__SYNTHETIC__TRAIN_SIZE="2000",
-                        CIFAR_DATA__SYNTHETIC__TEST_SIZE="500", CIFAR_DATA__VALIDATION_SIZE="200")
+    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__VALIDATION_SIZE="50",
+                        CIFAR_DATA__CACHE_DIR=str(tmp_path / "train-cache"))
+    s3 = fresh_bucket(s3_server, env["train"])
 
-    # buckets: `mc mb --ignore-existing local/cifar`, done the same way through the S3 API.
-    creds = {k: env["train"][k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name=creds["AWS_DEFAULT_REGION"])
-    s3.create_bucket(Bucket="cifar")
+    # dataset: downloads the archive once, verified, and stores it where train reads it.
+    done = run_dataset(services["dataset"], env["dataset"], origin.archive, origin.md5, tmp_path / "dataset-1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["train"] == 300 and origin.requests == 1
+    assert "100 %" in done.stderr and "stored " in done.stderr
+    stored = s3.get_object(Bucket="cifar", Key="data/cifar-10-binary.tar.gz")["Body"].read()
+    assert stored == REAL_SMALL.read_bytes()
 
-    # train: the image's entrypoint is cifar-job.
+    # train: the image's entrypoint is cifar-job; the real images come from MinIO, not the internet.
     train_cmd = [sys.executable, "-m", "job", *services["train"]["command"]]
     done = subprocess.run(train_cmd, cwd=ROOT, env=env["train"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "data: 250 train, 50 validation, 200 test examples (cifar10" in done.stdout
     assert "exported model version 1 to s3://cifar/models/cifar10/1" in done.stdout
+    assert origin.requests == 1
 
     # model-sync: its entrypoint and command, with the /models volume at a local folder.
     models = tmp_path / "models"
@@ -90,8 +144,36 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, tmp_path):
         proc.wait(timeout=60)
         server.stop(grace=None)
 
-    # A second `docker compose up` finds the run finished instead of training again.
+    # A second `docker compose up`: the dataset service finds the archive in MinIO and sends no
+    # request (a new container, an empty cache); train finds the run finished instead of training again.
+    again = run_dataset(services["dataset"], env["dataset"], origin.archive, origin.md5, tmp_path / "dataset-2")
+    assert again.returncode == 0, again.stderr
+    assert "s3://cifar/data/cifar-10-binary.tar.gz already holds an object" in again.stderr
+    assert again.stdout == "" and origin.requests == 1
     again = subprocess.run(train_cmd, cwd=ROOT, env=env["train"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert yaml.safe_load(s3.get_object(Bucket="cifar", Key="checkpoints/config.yaml")["Body"].read())[
         "export"]["uri"] == "s3://cifar/models"
+
+
+@pytest.mark.timeout(600)
+def test_compose_up_with_synthetic_data_runs_offline(s3_server, tmp_path, monkeypatch):
+    # `CIFAR_DATA__SOURCE=synthetic docker compose up`: compose hands the variable to its services.
+    monkeypatch.setenv("CIFAR_DATA__SOURCE", "synthetic")
+    services = compose_config()["services"]
+    env = {name: service_env(s, s3_server) for name, s in services.items()}
+    fresh_bucket(s3_server, env["train"])
+
+    # No network: the canonical archive's host is a port nothing listens on.
+    offline = f"http://127.0.0.1:{free_port()}/cifar-10-binary.tar.gz"
+    done = run_dataset(services["dataset"], env["dataset"], offline, "0" * 32, tmp_path / "dataset")
+    assert done.returncode == 0, done.stderr
+    assert "nothing to fetch" in done.stdout and not (tmp_path / "dataset" / "cache").exists()
+
+    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__SYNTHETIC__TRAIN_SIZE="1000",
+                        CIFAR_DATA__SYNTHETIC__TEST_SIZE="200", CIFAR_DATA__VALIDATION_SIZE="100")
+    done = subprocess.run([sys.executable, "-m", "job", *services["train"]["command"]], cwd=ROOT, env=env["train"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "data: 900 train, 100 validation, 200 test examples (synthetic" in done.stdout
+    assert "exported model version 1 to s3://cifar/models/cifar10/1" in done.stdout

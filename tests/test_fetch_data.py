@@ -14,6 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 from job import cifar10
 from job.cli import main
@@ -256,3 +257,16 @@ def test_fetch_data_as_a_process_needs_no_tensorflow(server, tmp_path):
     assert "job" in imported and "tensorflow" not in imported
     assert json.loads(proc.stdout)["train"] == 300
 
+
+def test_the_k8s_job_stores_the_archive_where_its_training_reads_it(tmp_path):
+    (job,) = yaml.safe_load_all((Path(__file__).parents[1] / "infra" / "k8s" / "train-job.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    (init,), (train,) = pod["initContainers"], pod["containers"]
+    assert init["image"] == train["image"] and init["args"][0] == "fetch-data"
+    args = init["args"][1:]
+    to = args.pop(args.index("--to") + 1)
+    args.remove("--to")
+    resolved = [yaml.safe_load(cli(Path(__file__).parents[1], "check-config", *a).stdout)["data"]
+                for a in (args, train["args"][1:])]
+    assert resolved[0]["source"] == "cifar10" and resolved[0]["uri"] is None  # the canonical archive
+    assert resolved[1]["uri"] == to
