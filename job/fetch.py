@@ -29,14 +29,15 @@ def fetch(cfg: Config, console: Console, to: str | None = None) -> dict | None:
             console.info(f"{to} already holds an object: nothing downloaded or uploaded")
             return None
     if cfg.data.source != "cifar10":
-        from job import data  # brings TensorFlow; only data that is not an archive goes this way
+        from job import data  # brings TensorFlow: only generated data and image folders go this way
 
         splits = data.load(cfg)
         return {"source": cfg.data.source, "uri": cfg.data.uri, "train": len(splits.x_train) + len(splits.x_val),
                 "test": len(splits.x_test), "checksum": splits.checksum}
 
     origin, local = _local_copy(cfg)
-    (x, y), (x_test, y_test) = cifar10.load_cifar10(local, Path(cfg.data.cache_dir).expanduser())
+    (x, y), (x_test, y_test) = cifar10.load_cifar10(local, Path(cfg.data.cache_dir).expanduser(),
+                                                    shown_as=cfg.data.uri)
     if to is not None:
         archive = Path(local).expanduser()
         if not archive.is_file():
@@ -58,8 +59,8 @@ def checksum(*arrays: np.ndarray) -> str:
 
 def _destination(cfg: Config, to: str) -> storage.LocalStorage | storage.S3Storage:
     if cfg.data.source != "cifar10":
-        raise ConfigError(f"--to stores the archive the data comes from, but data.source is {cfg.data.source}: "
-                          "there is no archive to store")
+        raise ConfigError(f"--to stores the CIFAR-10 archive the data comes from (data.source: cifar10), but "
+                          f"data.source is {cfg.data.source}")
     uri = cfg.data.uri
     if uri is not None and "://" not in uri and Path(uri).expanduser().is_dir():
         raise ConfigError(f"--to stores a single archive, but data.uri {uri} is a directory")
@@ -78,5 +79,6 @@ def _local_copy(cfg: Config) -> tuple[str, str]:
     if uri.startswith(("http://", "https://")):
         return uri, str(cifar10._download(uri, cache))
     if storage.is_object_store(uri):
-        return uri, str(storage.backend(uri).cached_copy(uri, cache))
+        # Of a prefix, only what the loader reads is fetched, as for `train`.
+        return uri, str(storage.backend(uri).cached_copy(uri, cache, cifar10.is_batch_file))
     return uri, uri

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import re
+import tarfile
 import threading
 from pathlib import Path
 
@@ -202,6 +203,7 @@ def test_upload_goes_up_in_parts(s3, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--set", "data.source=synthetic"], "data.source is synthetic"),
+    (["--set", "data.source=folder", "--set", "data.uri=DIR"], "data.source is folder"),
     (["--set", "data.uri=DIR"], "is a directory"),
     (["--to", "s3://bucket"], "names a bucket"),
 ])
@@ -237,6 +239,28 @@ def test_a_missing_bucket_exits_4_naming_it(s3, canonical, tmp_path, capsys):
     code, out, err = fetch_data(capsys, "--set", f"data.cache_dir={tmp_path}", "--to", uri)
     assert code == 4 and uri in err and "NoSuchBucket" in err, err
     assert canonical.requests == 0
+
+
+def test_an_s3_prefix_reads_like_train_but_is_no_archive_to_store(s3, tmp_path, capsys):
+    client = boto3.client("s3")
+    with tarfile.open(REAL_SMALL) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                client.put_object(Bucket=s3, Key=f"cifar/{member.name}", Body=tar.extractfile(member).read())
+    prefix = f"s3://{s3}/cifar"
+    code, out, err = fetch_data(capsys, "--set", f"data.uri={prefix}", "--set", f"data.cache_dir={tmp_path / 'a'}")
+    assert code == 0, err
+    assert json.loads(out)["train"] == 300
+
+    code, out, err = fetch_data(capsys, "--set", f"data.uri={prefix}", "--set", f"data.cache_dir={tmp_path / 'b'}",
+                                "--to", str(tmp_path / "store.tar.gz"))
+    assert code == 2 and f"data.uri {prefix} is a prefix of several objects" in err, err
+    assert not (tmp_path / "store.tar.gz").exists()
+
+    # Nothing under the URI: a data error naming it, as train reports it.
+    missing = f"s3://{s3}/nothing-here.tar.gz"
+    code, out, err = fetch_data(capsys, "--set", f"data.uri={missing}", "--set", f"data.cache_dir={tmp_path / 'c'}")
+    assert code == 3 and missing in err, err
 
 
 def test_synthetic_data_is_summarised_too(tmp_path, capsys):
