@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/checkpoint_bench.py
 	$(PY) bench/distribute_bench.py
 	$(PY) bench/serve_bench.py
+	$(PY) bench/serve_memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check job serve tests bench scripts
