@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
 
 from job.errors import JobError, Preempted
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if args.command in ("train", "evaluate"):
+            _import_tensorflow_quietly()
     from job.platform import write_failure
 
     try:
@@ -83,6 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         write_failure(f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow's C++ side writes its start-up lines (CUDA probes that read
+    as failures on a CPU-only host, oneDNN notices) straight to file
+    descriptor 2, before any log level applies; so stderr is parked in a file
+    while TensorFlow loads and finds its devices, and shown only if that fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as parked:
+        os.dup2(parked.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            parked.seek(0)
+            sys.stderr.buffer.write(parked.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _dispatch(args) -> int:

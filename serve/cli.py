@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int,
                         help="gunicorn workers (env SERVE_WORKERS, default: one per CPU core, at most 4)")
     parser.add_argument("--threads", type=int, help="threads per worker (env SERVE_THREADS, default 16)")
+    parser.add_argument("--debug", action="store_const", const=True,
+                        help="keep TensorFlow's start-up and warning lines in the log (env SERVE_DEBUG)")
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         if value is not None:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     cors_origins: Annotated[list[str], NoDecode] = []
     cache_dir: str = "/tmp/cifar-serve-models"
+    # TensorFlow's own start-up lines (CUDA probes, oneDNN notices) in the log.
+    debug: bool = False
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
