@@ -80,7 +80,11 @@ def verify(model, directory: Path, probe: np.ndarray) -> None:
     expected = tf.nn.softmax(tf.cast(model(probe, training=False), tf.float32)).numpy()
     loaded = tf.saved_model.load(str(directory)).signatures[SIGNATURE]
     got = loaded(images=tf.constant(probe))["probabilities"].numpy()
-    if not np.allclose(got, expected, rtol=0, atol=1e-6):
+    # In float16 the traced graph and the eager model may pick different
+    # kernels (oneDNN's AMX and AVX-512 FP16 ones on recent Xeons): measured
+    # up to 3.4e-5 apart there. A broken export is off by far more than either bound.
+    tolerance = 1e-3 if any(layer.compute_dtype == "float16" for layer in model.layers) else 1e-6
+    if not np.allclose(got, expected, rtol=0, atol=tolerance):
         raise JobError(f"export check failed: the reloaded SavedModel differs from the trained model "
                        f"by up to {np.abs(got - expected).max():.3g}; nothing was published")
 
