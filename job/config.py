@@ -37,10 +37,15 @@ class Data(Section):
     synthetic: SyntheticData = SyntheticData()
     validation_size: int = Field(1_000, ge=0)
     augment: bool = False
+    # With augment: random translation by up to this many pixels (reflect
+    # padding, then a 32x32 crop), and a horizontal flip.
+    translate: int = Field(4, ge=0, le=16)
 
 
 class Model(Section):
-    name: Literal["simple_cnn", "resnet"] = "simple_cnn"
+    name: Literal["simple_cnn", "resnet", "airbench"] = "simple_cnn"
+    # Multiplies every layer's channel count: 0.5 is a network four times cheaper.
+    width: float = Field(1.0, gt=0, le=8)
 
 
 class Constant(Section):
@@ -199,7 +204,9 @@ class Config(BaseSettings):
             "data.synthetic": d["data"]["synthetic"],
             "data.validation_size": d["data"]["validation_size"],
             "data.augment": d["data"]["augment"],
+            "data.translate": d["data"]["translate"],
             "model.name": d["model"]["name"],
+            "model.width": d["model"]["width"],
             "train.optimizer": d["train"]["optimizer"],
             "train.batch_size": d["train"]["batch_size"],
             "train.mixed_precision": d["train"]["mixed_precision"],

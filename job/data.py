@@ -96,16 +96,16 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def augment_params(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_params(seed: int, epoch: int, n: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
     """Crop offsets and flips for every example of an epoch, indexed by example."""
     rng = np.random.default_rng([seed, epoch, 1])
-    return rng.integers(0, 2 * PAD + 1, size=(n, 2)).astype(np.int32), rng.random(n) < 0.5
+    return rng.integers(0, 2 * pad + 1, size=(n, 2)).astype(np.int32), rng.random(n) < 0.5
 
 
-def crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
+def crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor, pad: int = PAD) -> tf.Tensor:
     """Pad-and-crop plus horizontal flip of a batch, as two gathers."""
     size = tf.shape(images)[1]
-    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     rows = offsets[:, :1] + tf.range(size)[None, :]
     cols = offsets[:, 1:] + tf.range(size)[None, :]
     cols = tf.where(flips[:, None], tf.reverse(cols, axis=[1]), cols)
@@ -116,11 +116,12 @@ def crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor) -> tf
 class TrainStream:
     """The training batches of one run: epoch e, from step s on."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, augment: bool):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, augment: bool,
+                 translate: int = PAD):
         self.images = tf.constant(images)
         self.labels = tf.constant(labels)
         self.n = len(images)
-        self.seed, self.batch_size, self.augment = seed, batch_size, augment
+        self.seed, self.batch_size, self.augment, self.translate = seed, batch_size, augment, translate
         # Dropping the ragged last batch keeps one traced step shape and a
         # fixed number of steps per epoch, which resume arithmetic relies on.
         self.steps_per_epoch = self.n // batch_size
@@ -141,10 +142,11 @@ class TrainStream:
             order = order.reshape(-1, ctx.num_replicas_in_sync, batch)[:, first : first + local].ravel()
         images, labels = self.images, self.labels
         if self.augment:
-            offsets, flips = augment_params(self.seed, epoch, self.n)
+            pad = self.translate
+            offsets, flips = augment_params(self.seed, epoch, self.n, pad)
             ds = tf.data.Dataset.from_tensor_slices((order, offsets[order], flips[order]))
             ds = ds.batch(batch, drop_remainder=True)
-            ds = ds.map(lambda i, o, f: (crop_and_flip(tf.gather(images, i), o, f), tf.gather(labels, i)))
+            ds = ds.map(lambda i, o, f: (crop_and_flip(tf.gather(images, i), o, f, pad), tf.gather(labels, i)))
         else:
             ds = tf.data.Dataset.from_tensor_slices(order).batch(batch, drop_remainder=True)
             ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))

@@ -50,14 +50,21 @@ class History:
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
 
-        epochs = [r["epoch"] for r in self.records]
-        fig = Figure(figsize=(10, 4))
-        for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
-            ax.plot(epochs, [r[metric] for r in self.records], "o-", label="train")
-            val = [r[f"val_{metric}"] for r in self.records]
+        fig = Figure(figsize=(15, 4))
+        # Time to accuracy is what a user of a training job feels, so the
+        # third panel puts accuracy against wall-clock minutes. Lines written
+        # before runs recorded elapsed time have none and are left out there.
+        timed = [r for r in self.records if r.get("elapsed_seconds") is not None]
+        panels = [("loss", "epoch", self.records, lambda r: r["epoch"]),
+                  ("accuracy", "epoch", self.records, lambda r: r["epoch"]),
+                  ("accuracy", "training time (minutes)", timed, lambda r: r["elapsed_seconds"] / 60)]
+        for ax, (metric, xlabel, rows, x) in zip(fig.subplots(1, 3), panels, strict=True):
+            xs = [x(r) for r in rows]
+            ax.plot(xs, [r[metric] for r in rows], "o-", label="train")
+            val = [r[f"val_{metric}"] for r in rows]
             if all(v is not None for v in val):
-                ax.plot(epochs, val, "o-", label="validation")
-            ax.set_xlabel("epoch")
+                ax.plot(xs, val, "o-", label="validation")
+            ax.set_xlabel(xlabel)
             ax.set_title(metric)
             ax.grid(alpha=0.3)
             ax.legend()

@@ -5,20 +5,30 @@ they are."""
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 NUM_CLASSES = 10
 
 
-def build(name: str, mixed_precision: bool = False) -> keras.Model:
+def build(name: str, mixed_precision: bool = False, width: float = 1.0,
+          sample: np.ndarray | None = None) -> keras.Model:
+    """`width` multiplies every layer's channels; `sample` (uint8 training
+    images) is what data-dependent initialisation reads (airbench's whitening)."""
     previous = keras.config.dtype_policy()
     # Layers read the policy when they are built, so it is set only around
     # construction and the process-wide default is left as it was.
     keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
     try:
-        return _BUILDERS[name]()
+        if name == "airbench":
+            return airbench(width, sample)
+        return _BUILDERS[name](width)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(8, round(channels * width))
 
 
 def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
@@ -31,28 +41,27 @@ def _logits(x) -> keras.KerasTensor:
     return layers.Dense(NUM_CLASSES, dtype="float32", name="logits")(x)
 
 
-def simple_cnn() -> keras.Model:
+def simple_cnn(width: float = 1.0) -> keras.Model:
     """The seeds' network: conv32-pool-conv64-pool-conv64-flatten-dense64-dense10."""
     images, x = _inputs()
-    x = layers.Conv2D(32, 3, activation="relu")(x)
+    x = layers.Conv2D(_scaled(32, width), 3, activation="relu")(x)
     x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.Conv2D(_scaled(64, width), 3, activation="relu")(x)
     x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.Conv2D(_scaled(64, width), 3, activation="relu")(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(64, activation="relu")(x)
+    x = layers.Dense(_scaled(64, width), activation="relu")(x)
     return keras.Model(images, _logits(x), name="simple_cnn")
 
 
-def resnet(depth: int = 20) -> keras.Model:
-    """ResNet-20 (He et al. 2016, CIFAR variant): 91 % on CIFAR-10 at 41 MFLOPs
-    and 0.27 M parameters, about a tenth of the FLOPs of ResNet-9-style nets
-    for a few points less, which is the better trade on small GPUs and CPUs."""
+def resnet(width_multiplier: float = 1.0, depth: int = 20) -> keras.Model:
+    """ResNet-20 (He et al. 2016, CIFAR variant): 41 MFLOPs and 0.27 M
+    parameters, a tenth of the FLOPs of ResNet-9-style nets."""
     blocks = (depth - 2) // 6
     images, x = _inputs()
-    x = _conv_bn(x, 16)
+    x = _conv_bn(x, _scaled(16, width_multiplier))
     x = layers.ReLU()(x)
-    for stage, width in enumerate((16, 32, 64)):
+    for stage, width in enumerate(_scaled(w, width_multiplier) for w in (16, 32, 64)):
         for block in range(blocks):
             stride = 2 if stage > 0 and block == 0 else 1
             shortcut = x
@@ -68,6 +77,93 @@ def resnet(depth: int = 20) -> keras.Model:
 def _conv_bn(x, width: int, stride: int = 1, kernel: int = 3):
     x = layers.Conv2D(width, kernel, strides=stride, padding="same", use_bias=False, kernel_initializer="he_normal")(x)
     return layers.BatchNormalization()(x)
+
+
+class Whitening(layers.Layer):
+    """A fixed 2x2 convolution that whitens pixel patches, with a learnt bias.
+
+    Its kernel comes from the data (the eigenvectors of the covariance of
+    2x2 patches, each scaled to unit variance, and their negatives), so the
+    first layer starts out decorrelated instead of learning it: the single
+    largest saving in airbench's recipe. Mean and scale of the pixels are
+    folded into kernel and bias, so the network still takes raw pixels.
+    """
+
+    def __init__(self, kernel: np.ndarray, bias: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self._kernel, self._bias = kernel, bias
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=self._kernel.shape, initializer=keras.initializers.Constant(self._kernel),
+                                      trainable=False, name="kernel")
+        self.bias = self.add_weight(shape=self._bias.shape, initializer=keras.initializers.Constant(self._bias),
+                                    name="bias")
+
+    def call(self, x):
+        y = keras.ops.conv(x, keras.ops.cast(self.kernel, x.dtype), padding="valid")
+        return y + keras.ops.cast(self.bias, x.dtype)
+
+
+def whitening_weights(sample: np.ndarray, eps: float = 5e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel [2,2,3,24], bias [24]) whitening the 2x2 patches of uint8 `sample`."""
+    x = sample.astype(np.float32) / 255
+    mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+    covariance = np.zeros((12, 12))
+    for chunk in np.array_split((x - mean) / std, max(1, len(x) // 500)):
+        # (row, col, channel) order, as a [2,2,3] kernel flattens
+        patches = np.concatenate([chunk[:, i:i + 31, j:j + 31, :] for i in (0, 1) for j in (0, 1)], axis=-1)
+        patches = patches.reshape(-1, 12)
+        covariance += patches.T.astype(np.float64) @ patches
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance / (len(x) * 31 * 31))
+    w = eigenvectors / np.sqrt(eigenvalues + eps)  # column k: the k-th whitening filter
+    w = np.concatenate([w, -w], axis=1).reshape(2, 2, 3, 24)
+    # Act on raw [0, 1] pixels: W((x - mean) / std) = (W / std) x - W(mean / std).
+    kernel = w / std[None, None, :, None]
+    bias = -np.einsum("ijco,c->o", w, mean / std)
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+class PartialIdentity(keras.initializers.Initializer):
+    """Identity for the first input-many filters, PyTorch's default for the
+    rest: a conv group starts close to passing its input through (airbench)."""
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        bound = 1 / np.sqrt(kh * kw * cin)
+        w = keras.random.uniform(shape, -bound, bound, dtype=dtype)
+        n = min(cin, cout)
+        eye = np.zeros(shape, np.float32)
+        eye[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1
+        keep = np.ones(shape, np.float32)
+        keep[..., :n] = 0
+        return w * keep + eye
+
+
+def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Model:
+    """airbench94's network (Keller Jordan, 2024), in Keras: a whitening
+    layer, three conv-pool-BN-GELU groups (64, 256, 256 channels times
+    `width`), a global max-pool and a scaled linear head. `sample` is the
+    training images the whitening layer is computed from; without it (a
+    model rebuilt to restore a checkpoint into) the kernel starts at zero."""
+    images = keras.Input((32, 32, 3), dtype="uint8", name="images")
+    x = layers.Rescaling(1.0 / 255)(images)
+    kernel, bias = whitening_weights(sample) if sample is not None else (np.zeros((2, 2, 3, 24), np.float32),
+                                                                          np.zeros(24, np.float32))
+    x = layers.Activation("gelu")(Whitening(kernel, bias, name="whiten")(x))
+    for block, channels in enumerate((64, 256, 256), start=1):
+        channels = _scaled(channels, width)
+        for conv in (1, 2):
+            x = layers.Conv2D(channels, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
+                              name=f"block{block}_conv{conv}")(x)
+            if conv == 1:
+                x = layers.MaxPooling2D()(x)
+            # momentum 0.6 is PyTorch's 0.4; the scale is fixed at 1, as in airbench.
+            x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False)(x)
+            x = layers.Activation("gelu")(x)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dense(NUM_CLASSES, use_bias=False, dtype="float32", name="logits")(x)
+    # A small logit scale lets the head train at the body's large learning rate.
+    return keras.Model(images, layers.Rescaling(1 / 9, dtype="float32")(x), name="airbench")
 
 
 _BUILDERS = {"simple_cnn": simple_cnn, "resnet": resnet}

@@ -38,6 +38,10 @@ class Progress(tf.Module):
         self.plateau_best = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
         self.plateau_wait = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.stopped_early = tf.Variable(False, trainable=False)
+        # Wall-clock seconds of training so far, over every attempt: time to
+        # accuracy survives a resume (the work lost since the last commit is
+        # not counted, as it is redone).
+        self.elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False)
 
 
 @dataclass
@@ -136,10 +140,12 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     splits = data.load(cfg)
     console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
                  f"examples ({cfg.data.source}, {splits.checksum[:19]})")
-    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment)
+    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment,
+                              cfg.data.translate)
     spe = stream.steps_per_epoch
     with cluster.strategy.scope():
-        net = model.build(cfg.model.name, cfg.train.mixed_precision)
+        # The whitening layer of airbench reads the first 5,000 training images.
+        net = model.build(cfg.model.name, cfg.train.mixed_precision, cfg.model.width, splits.x_train[:5000])
         schedule = optim.Schedule(cfg.train, spe)
         optimizer = optim.build_optimizer(cfg.train, schedule)
         trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
@@ -162,8 +168,14 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
     es = cfg.train.early_stopping
 
+    clock_start, elapsed_before = time.perf_counter(), float(progress.elapsed.numpy())
+
+    def training_seconds() -> float:
+        return elapsed_before + time.perf_counter() - clock_start
+
     def commit(**fields) -> None:
         nonlocal record
+        progress.elapsed.assign(training_seconds())
         if not cluster.is_chief:
             return
         if lease.lost:
@@ -233,7 +245,8 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
                  "val_accuracy": va, "seconds": round(epoch_seconds, 3),
                  "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
-                 "learning_rate": float(schedule(optimizer.iterations))}
+                 "learning_rate": float(schedule(optimizer.iterations)),
+                 "elapsed_seconds": round(float(progress.elapsed.numpy()), 3)}
         if history:
             history.add_epoch(entry)
         console.epoch_end(entry)
@@ -246,6 +259,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         return Result(step, math.nan, math.nan, None, None)
     if int(record.get("step", -1)) != step:
         commit()
+    train_seconds = float(progress.elapsed.numpy())
     store.uploader.flush()
     if bool(progress.stopped_early.numpy()) and es.restore_best and record.get("best"):
         best = record["best"]["step"]
@@ -259,6 +273,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         "epochs_done": int(progress.epochs_done.numpy()),
         "test_accuracy": test_acc,
         "test_loss": test_loss,
+        "train_seconds": round(train_seconds, 3),
         "data_checksum": splits.checksum,
         "class_names": list(splits.class_names),
         "config": cfg.model_dump(mode="json"),

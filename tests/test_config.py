@@ -450,6 +450,8 @@ def fingerprint(*sets):
     "data.synthetic.test_size=500",
     "data.validation_size=500",
     "data.augment=true",
+    "data.translate=2",
+    "model.width=0.5",
 ])
 def test_fingerprint_changes_with_what_gives_state_its_meaning(pair):
     assert fingerprint(pair) != fingerprint()

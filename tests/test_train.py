@@ -45,8 +45,12 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, run_job, stop_at):
     assert f"resumed from step {stop_at}" in log
     assert second.step == whole.step == 62
     np.testing.assert_array_equal(outputs(second.model_uri), outputs(whole.model_uri))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+    timing = ("seconds", "images_per_second", "elapsed_seconds")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(metrics(split)) == strip(metrics(tmp_path / "whole"))
+    # Time to accuracy counts the first attempt's committed time too: it keeps growing across the resume.
+    elapsed = [r["elapsed_seconds"] for r in metrics(split)]
+    assert all(b > a > 0 for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
 
 
 def test_run_leaves_contract_files(tmp_path, run_job):
@@ -59,9 +63,15 @@ def test_run_leaves_contract_files(tmp_path, run_job):
     rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        for key in ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second"):
+        for key in ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second",
+                    "elapsed_seconds"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), key
         assert row["images_per_second"] > 0
+    # Wall time includes what the epochs' step time leaves out (compiling, validation, checkpoints).
+    assert rows[1]["elapsed_seconds"] > rows[0]["elapsed_seconds"] >= rows[0]["seconds"] > 0
+    card = json.loads((tmp_path / "export/cifar10/1/assets.extra/model_card.json").read_text())
+    assert card["train_seconds"] >= rows[-1]["elapsed_seconds"] and card["test_accuracy"] == result.test_accuracy
+    assert card["data_checksum"].startswith("sha256:")
     assert (ckpt / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "epochs: 2" in (ckpt / "config.yaml").read_text()
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
@@ -148,13 +158,14 @@ def test_early_stopping_restores_the_best_weights(tmp_path, run_job):
 
 @pytest.mark.parametrize("extra", [
     {"model.name": "resnet"},
+    {"model.name": "airbench", "model.width": 0.25, "train.optimizer": "sgd", "train.nesterov": "true"},
     {"train.optimizer": "adamw", "train.weight_decay": 0.01, "train.lr_schedule": "one_cycle"},
     {"train.optimizer": "sgd", "train.nesterov": "true", "train.label_smoothing": 0.1,
      "train.lr_schedule": "exponential"},
     {"train.mixed_precision": "true"},
     {"train.jit_compile": "true", "train.deterministic": "false", "train.steps_per_loop": 4},
     {"train.lr_schedule": "reduce_on_plateau", "data.validation_size": 100},
-], ids=["resnet", "adamw-onecycle", "sgd-nesterov-smoothing", "mixed-precision", "xla", "plateau"])
+], ids=["resnet", "airbench", "adamw-onecycle", "sgd-nesterov-smoothing", "mixed-precision", "xla", "plateau"])
 def test_every_recipe_switch_trains(tmp_path, run_job, extra):
     result, _ = run_job(small_overrides(tmp_path, **{"train.max_steps": 8, **extra}))
     assert result.step == 8
