@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf
 
-from job import config, data, model, optim
+from job import config, data, model, optim, sources
 from job.checkpoints import CheckpointStore, Uploader
 from job.loop import Trainer
 
@@ -36,7 +36,7 @@ EVERY = 100
 
 
 def build(cfg):
-    splits = data.load(cfg)
+    splits = sources.load(cfg)
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, False)
     net = model.build("simple_cnn")
     schedule = optim.Schedule(cfg.train, stream.steps_per_epoch)

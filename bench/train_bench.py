@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from job import config, data, model, optim, report, train
+from job import config, data, model, optim, report, sources, train
 from job.loop import Trainer
 
 BATCH = 64
@@ -48,7 +48,7 @@ def job_config(train_size: int, *extra: str) -> config.Config:
 # Each loop is built once (fresh model and optimizer) and returns a function
 # that trains one epoch and says how many images it trained on.
 
-def job_loop(splits: data.Splits, cfg: config.Config, steps_per_loop: int):
+def job_loop(splits: sources.Splits, cfg: config.Config, steps_per_loop: int):
     """job/train.py's inner loop without its bookkeeping: chunks of steps_per_loop steps per compiled call."""
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, BATCH, augment=False)
     spe = stream.steps_per_epoch
@@ -68,7 +68,7 @@ def job_loop(splits: data.Splits, cfg: config.Config, steps_per_loop: int):
     return epoch
 
 
-def seeds_loop(splits: data.Splits):
+def seeds_loop(splits: sources.Splits):
     """The textbook custom loop the project started from: numpy slices into a @tf.function step."""
     x, y = splits.x_train, splits.y_train  # uint8, as the job feeds them: the model rescales itself
     net = model.build("simple_cnn")
@@ -98,7 +98,7 @@ def seeds_loop(splits: data.Splits):
     return epoch
 
 
-def fit_loop(splits: data.Splits):
+def fit_loop(splits: sources.Splits):
     net = model.build("simple_cnn")
     net.compile(keras.optimizers.Adam(LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"])
@@ -141,7 +141,7 @@ def main() -> None:
     size = args.train_size or (2_000 if args.quick else 10_000)
 
     keras.utils.set_random_seed(0)
-    splits = data.load(job_config(size))
+    splits = sources.load(job_config(size))
     spl = args.steps_per_loop
     loops = {f"job (steps_per_loop={spl})": job_loop(splits, job_config(size), spl)}
     if spl != 1:

@@ -60,17 +60,24 @@ def load_cifar10(uri: str | None, cache_dir: pathlib.Path, shown_as: str | None 
     URIs are brought to a local copy by job.storage before they get here,
     and `shown_as` then names the original in messages.
     """
+    return read(local_copy(uri, cache_dir), shown_as)
+
+
+def local_copy(uri: str | None, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Where the data of `uri` lies on this machine: downloaded (once) for a URL, as given for a path."""
     cache_dir = pathlib.Path(cache_dir)
     if uri is None:
         # Read the globals at call time, so tests can point them at a local server.
-        path = _download(CANONICAL_URL, cache_dir, expected_md5=CANONICAL_MD5)
-    elif uri.startswith(("http://", "https://")):
-        path = _download(uri, cache_dir)
-    elif "://" in uri:
+        return _download(CANONICAL_URL, cache_dir, expected_md5=CANONICAL_MD5)
+    if uri.startswith(("http://", "https://")):
+        return _download(uri, cache_dir)
+    if "://" in uri:
         raise DataError(f"cannot load CIFAR-10 from {uri}: unsupported URI scheme")
-    else:
-        path = pathlib.Path(uri).expanduser()
+    return pathlib.Path(uri).expanduser()
 
+
+def read(path: pathlib.Path, shown_as: str | None = None) -> tuple[Arrays, Arrays]:
+    """Parse a local directory or archive (see load_cifar10)."""
     if not path.exists():
         raise DataError(f"CIFAR-10 data not found: {path} does not exist")
     shown = shown_as or str(path)

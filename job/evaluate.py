@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from job import data, export, storage
+from job import data, export, sources, storage
 from job.config import Config
 from job.errors import JobError
 
@@ -25,7 +25,7 @@ def evaluate(model_uri: str, cfg: Config) -> dict:
         serve = tf.saved_model.load(str(local)).signatures[export.SIGNATURE]
     except (OSError, ValueError, KeyError) as exc:
         raise JobError(f"{version_uri} is not a SavedModel with a {export.SIGNATURE!r} signature: {exc}") from None
-    splits = data.load(cfg)
+    splits = sources.load(cfg)
     total, correct = 0.0, 0
     for images, labels in data.eval_batches(splits.x_test, splits.y_test):
         probs = serve(images=images)["probabilities"].numpy()

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from job import storage
-from job.data import CLASS_NAMES
+from job.sources import CLASS_NAMES
 from job.errors import JobError
 
 SIGNATURE = "serving_default"

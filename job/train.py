@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from job import data, distribute, export, model, optim, storage
+from job import data, distribute, export, model, optim, sources, storage
 from job.checkpoints import CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import ConfigError, DivergedError, PeerLost, Preempted, StorageError
@@ -137,7 +137,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         return Result(latest["step"], ex.get("test_accuracy", math.nan), ex.get("test_loss", math.nan),
                       ex["version"], ex["uri"])
 
-    splits = data.load(cfg)
+    splits = sources.load(cfg)
     console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
                  f"examples ({cfg.data.source}, {splits.checksum[:19]})")
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment,

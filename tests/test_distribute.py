@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data, distribute
+from job import data, distribute, sources
 from job.config import Distribute
 from job.errors import ConfigError, PeerLost
 from conftest import free_port, wait_until
@@ -85,7 +85,7 @@ def run_workers(root: Path, envs: list[dict], **extra) -> list[tuple[int, str, s
 def probabilities(root: Path) -> np.ndarray:
     versions = sorted((root / "export" / "cifar10").iterdir())
     assert [v.name for v in versions] == ["1"], "exactly one version is exported"
-    _, (x_test, _) = data.synthetic(1, AGREEMENT_RUN["data.synthetic.test_size"])
+    _, (x_test, _) = sources.synthetic(1, AGREEMENT_RUN["data.synthetic.test_size"])
     serve = tf.saved_model.load(str(versions[0])).signatures["serving_default"]
     return serve(images=tf.constant(x_test))["probabilities"].numpy()
 

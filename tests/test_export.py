@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from job import export, model, storage
-from job.data import CLASS_NAMES
+from job.sources import CLASS_NAMES
 from job.errors import JobError
 
 PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)

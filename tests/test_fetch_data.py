@@ -149,11 +149,11 @@ def test_fetch_data_downloads_once_and_prints_what_train_would_load(canonical, t
     assert "100 %" in err and "cached " in err
 
     # The checksum is the one training records for the same data.
-    from job import data
+    from job import sources
     from job.config import load_config
 
     cfg = load_config(None, ["data.source=cifar10", cache, "data.validation_size=0"])
-    assert summary["checksum"] == data.load(cfg).checksum
+    assert summary["checksum"] == sources.load(cfg).checksum
 
     again = fetch_data(capsys, "--set", cache)
     assert again[0] == 0 and json.loads(again[1]) == summary and "downloading" not in again[2]

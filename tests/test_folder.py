@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from conftest import small_overrides, wait_until
-from job import cifar10, data
+from job import cifar10, sources
 from job.config import load_config
 from job.errors import ConfigError, DataError
 from job.image_folder import load_image_folder
 from test_cifar10 import REAL_SMALL
 
 # Folder names whose sorted order is the reverse of CIFAR-10's label order, with spaces.
-REVERSED = [f"{9 - i} {name}" for i, name in enumerate(data.CLASS_NAMES)]
+REVERSED = [f"{9 - i} {name}" for i, name in enumerate(sources.CLASS_NAMES)]
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -75,12 +75,12 @@ def test_real_images_as_pngs_load_pixel_exact_with_classes_in_sorted_folder_orde
 def test_the_splits_carry_the_folder_names_and_a_stable_checksum(tmp_path, real):
     root = write_tree(tmp_path / "pets", real)
     cfg = load_config(None, ["data.source=folder", f"data.uri={root}", "data.validation_size=30"])
-    first, second = data.load(cfg), data.load(cfg)
+    first, second = sources.load(cfg), sources.load(cfg)
     assert first.class_names == tuple(sorted(REVERSED))
     assert first.checksum == second.checksum
     assert len(first.x_train) == 270 and len(first.x_val) == 30 and len(first.x_test) == 200
     renamed = write_tree(tmp_path / "renamed", real, names=[f"class {i}" for i in range(10)])
-    assert data.load(load_config(None, ["data.source=folder", f"data.uri={renamed}"])).checksum != first.checksum
+    assert sources.load(load_config(None, ["data.source=folder", f"data.uri={renamed}"])).checksum != first.checksum
 
 
 def test_archives_load_like_the_directory(tmp_path, real):
@@ -107,8 +107,8 @@ def test_an_s3_prefix_loads_like_the_directory_and_fetches_only_images(s3, tmp_p
         client.upload_file(str(path), s3, "pets/" + path.relative_to(root).as_posix())
     cache = tmp_path / "cache"
     overrides = ["data.source=folder", "data.validation_size=30", f"data.cache_dir={cache}"]
-    remote = data.load(load_config(None, [*overrides, f"data.uri=s3://{s3}/pets/"]))
-    local = data.load(load_config(None, [*overrides, f"data.uri={root}"]))
+    remote = sources.load(load_config(None, [*overrides, f"data.uri=s3://{s3}/pets/"]))
+    local = sources.load(load_config(None, [*overrides, f"data.uri={root}"]))
     assert remote.checksum == local.checksum and remote.class_names == local.class_names
     np.testing.assert_array_equal(remote.x_train, local.x_train)
     assert not list(cache.rglob("README.md"))
@@ -197,7 +197,7 @@ def test_missing_data_is_named(tmp_path, real):
     with pytest.raises(DataError, match="https://example.com/pets"):
         load_image_folder("https://example.com/pets")
     with pytest.raises(ConfigError, match="data.uri"):
-        data.load(load_config(None, ["data.source=folder"]))
+        sources.load(load_config(None, ["data.source=folder"]))
 
 
 # --- end to end: folder names into the export and the service -------------------------------

@@ -60,7 +60,7 @@ def test_a_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path, run_job):
 
 
 def test_cifar10_archive_read_from_s3(s3, tmp_path):
-    from job import data
+    from job import sources
     from job.config import load_config
 
     folder = tmp_path / "cifar-10-batches-bin"
@@ -77,7 +77,7 @@ def test_cifar10_archive_read_from_s3(s3, tmp_path):
     boto3.client("s3").upload_file(str(archive), s3, "datasets/cifar.tar.gz")
     cfg = load_config(None, ["data.source=cifar10", f"data.uri=s3://{s3}/datasets/cifar.tar.gz",
                              "data.validation_size=10", f"data.cache_dir={tmp_path / 'cache'}"])
-    splits = data.load(cfg)
+    splits = sources.load(cfg)
     assert len(splits.x_train) == 90 and len(splits.x_val) == 10 and len(splits.x_test) == 20
 
 
@@ -162,7 +162,7 @@ def gets(s3):
 
 @pytest.mark.parametrize("layout, slash", [("binary", "/"), ("binary-subfolder", ""), ("python-subfolder", "/")])
 def test_a_prefix_reads_like_the_local_directory(s3, tmp_path, layout, slash):
-    from job import data
+    from job import sources
 
     from test_cifar10 import real_small
 
@@ -171,8 +171,8 @@ def test_a_prefix_reads_like_the_local_directory(s3, tmp_path, layout, slash):
              "python-subfolder": _python_layout(binary, tmp_path / "py" / "cifar-10-batches-py").parent}[layout]
     _upload_tree(s3, local, "datasets/cifar/")
     uri = f"s3://{s3}/datasets/cifar{slash}"
-    remote, here = data.load(_data_config(uri, tmp_path)), data.load(_data_config(local, tmp_path))
-    assert remote.checksum == here.checksum and remote.class_names == here.class_names == data.CLASS_NAMES
+    remote, here = sources.load(_data_config(uri, tmp_path)), sources.load(_data_config(local, tmp_path))
+    assert remote.checksum == here.checksum and remote.class_names == here.class_names == sources.CLASS_NAMES
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(remote, name), getattr(here, name))
     assert len(remote.x_train) + len(remote.x_val) == 300 and len(remote.x_test) == 200
@@ -181,64 +181,64 @@ def test_a_prefix_reads_like_the_local_directory(s3, tmp_path, layout, slash):
 def test_a_prefix_is_cached_by_etag_and_follows_changes(s3, tmp_path, gets):
     import boto3
 
-    from job import cifar10, data
+    from job import cifar10, sources
     from job.errors import DataError
     from test_cifar10 import real_small
 
     folder = real_small(tmp_path / "real")
     _upload_tree(s3, folder, "real/")
     cfg = _data_config(f"s3://{s3}/real/", tmp_path)
-    first = data.load(cfg)
+    first = sources.load(cfg)
     # Only the batch files are fetched, not batches.meta.txt beside them.
     assert sorted(gets) == sorted(f"real/{name}" for name in cifar10.BIN_NAMES)
 
     gets.clear()
-    second = data.load(cfg)
+    second = sources.load(cfg)
     assert gets == [] and second.checksum == first.checksum
 
     raw = (folder / "data_batch_2.bin").read_bytes()
     boto3.client("s3").put_object(Bucket=s3, Key="real/data_batch_2.bin", Body=raw[: 10 * cifar10.RECORD_BYTES])
-    third = data.load(cfg)
+    third = sources.load(cfg)
     assert gets == ["real/data_batch_2.bin"] and len(third.x_train) + len(third.x_val) == 250
 
     # An object gone from the prefix is gone from the copy, not read from the cache.
     boto3.client("s3").delete_object(Bucket=s3, Key="real/test_batch.bin")
     with pytest.raises(DataError, match=rf"s3://{s3}/real/: missing CIFAR-10 batch file\(s\) test_batch\.bin"):
-        data.load(cfg)
+        sources.load(cfg)
 
 
 def test_a_cached_archive_is_not_downloaded_again(s3, tmp_path, gets):
     import boto3
 
-    from job import data
+    from job import sources
     from test_cifar10 import REAL_SMALL
 
     boto3.client("s3").upload_file(str(REAL_SMALL), s3, "real.tar.gz")
     cfg = _data_config(f"s3://{s3}/real.tar.gz", tmp_path)
-    first = data.load(cfg)
+    first = sources.load(cfg)
     assert gets == ["real.tar.gz"]
-    assert data.load(cfg).checksum == first.checksum and gets == ["real.tar.gz"]
+    assert sources.load(cfg).checksum == first.checksum and gets == ["real.tar.gz"]
 
 
 def test_a_prefix_without_batch_files_is_a_data_error_naming_it(s3, tmp_path):
     import boto3
 
-    from job import data
+    from job import sources
     from job.errors import DataError
 
     boto3.client("s3").put_object(Bucket=s3, Key="other/readme.txt", Body=b"no batches here")
     for uri in (f"s3://{s3}/other/", f"s3://{s3}/nothing/here"):
         with pytest.raises(DataError, match=f"no CIFAR-10 batch files .* found in {uri}$") as info:
-            data.load(_data_config(uri, tmp_path))
+            sources.load(_data_config(uri, tmp_path))
         assert info.value.exit_code == 3
 
 
 @pytest.mark.parametrize("uri", ["s3://data-bucket/cifar/", "s3://data-bucket/cifar.tar.gz"])
 def test_an_unreachable_data_endpoint_is_a_storage_error(s3, tmp_path, monkeypatch, uri):
-    from job import data
+    from job import sources
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match="data-bucket.*127.0.0.1:9") as info:
-        data.load(_data_config(uri, tmp_path))
+        sources.load(_data_config(uri, tmp_path))
     assert info.value.exit_code == 4
