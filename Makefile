@@ -12,11 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Real CIFAR-10, downloaded once; CIFAR_DATA__URI=path/to/cifar-10-binary.tar.gz uses a local copy.
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(VENV)/bin/cifar-job train --config configs/demo.yaml
-	$(VENV)/bin/cifar-job evaluate --config configs/demo.yaml --model runs/demo/export/cifar10
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/demo_request.py runs/demo/export/cifar10
+	$(PY) scripts/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -87,7 +87,7 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
     services = compose_config()["services"]
     env = {name: service_env(s, s3_server) for name, s in services.items()}
     # Short enough for CI: the compose file reads these from the environment too.
-    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__VALIDATION_SIZE="50",
+    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__VALIDATION_SIZE="50", CIFAR_TRAIN__BATCH_SIZE="50",
                         CIFAR_DATA__CACHE_DIR=str(tmp_path / "train-cache"))
     s3 = fresh_bucket(s3_server, env["train"])
 
@@ -170,7 +170,7 @@ def test_compose_up_with_synthetic_data_runs_offline(s3_server, tmp_path, monkey
     assert done.returncode == 0, done.stderr
     assert "nothing to fetch" in done.stdout and not (tmp_path / "dataset" / "cache").exists()
 
-    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_DATA__SYNTHETIC__TRAIN_SIZE="1000",
+    env["train"].update(CIFAR_TRAIN__EPOCHS="1", CIFAR_TRAIN__BATCH_SIZE="50", CIFAR_DATA__SYNTHETIC__TRAIN_SIZE="1000",
                         CIFAR_DATA__SYNTHETIC__TEST_SIZE="200", CIFAR_DATA__VALIDATION_SIZE="100")
     done = subprocess.run([sys.executable, "-m", "job", *services["train"]["command"]], cwd=ROOT, env=env["train"],
                           capture_output=True, text=True, timeout=300)
