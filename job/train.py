@@ -92,6 +92,11 @@ def run(cfg: Config, console: Console) -> Result:
     cluster = distribute.resolve(cfg.distribute)
     console.info(cluster.describe())
     cluster.check_global_batch(cfg.train.batch_size)
+    if cfg.train.mixed_precision and not tf.config.list_physical_devices("GPU"):
+        # Measured in docs/benchmarks.md ("Recipes"): ResNet-20 trains at 5 images/s in float16 on
+        # this project's 2-core CPU host, 560 in float32. Allowed (it is correct), but said.
+        console.info("warning: train.mixed_precision is on but this host has no GPU: CPUs run float16 "
+                     "convolutions about 100x slower than float32; set train.mixed_precision=false here")
     configure_determinism(cfg)
     uploader = Uploader(cfg.checkpoint.retry_seconds)
     store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep, uploader)
