@@ -2,7 +2,7 @@
 of each worker, for each model and worker count, after every worker has
 answered real requests.
 
-    .venv/bin/python bench/serve_memory.py [--models simple_cnn,resnet] [--workers 1,2] [--requests 300]
+    .venv/bin/python bench/serve_memory.py [--models simple_cnn,resnet,airbench:0.5] [--workers 1,2] [--requests 300]
         [--out FILE]
 
 Each model is exported untrained (the weights' values do not change their
@@ -157,7 +157,8 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="simple_cnn,resnet")
+    parser.add_argument("--models", default="simple_cnn,resnet,airbench:0.5",
+                        help="model.name[:model.width], comma-separated (airbench:0.5 is make demo's)")
     parser.add_argument("--workers", default="1,2", help="comma-separated SERVE_WORKERS values")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", help="write the results as JSON")
@@ -171,7 +172,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for name in args.models.split(","):
-            keras_model = model.build(name)
+            base, _, width = name.partition(":")
+            keras_model = model.build(base, width=float(width or 1))
             _, uri = export.export(keras_model, str(tmp / name), "cifar10", {}, np.zeros((4, 32, 32, 3), np.uint8))
             size = sum(f.stat().st_size for f in Path(uri).rglob("*") if f.is_file())
             for workers in map(int, args.workers.split(",")):
