@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/serve_memory.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check job serve tests bench scripts
+	$(VENV)/bin/ruff check common job serve tests bench scripts
 
 clean:
 	rm -rf runs .pytest_cache

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 
 from job.errors import JobError, Preempted
@@ -64,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not args.debug:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if args.command in ("train", "evaluate"):
-            _import_tensorflow_quietly()
+    if not args.debug and args.command in ("train", "evaluate"):
+        from common.tfquiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     from job.platform import write_failure
 
     try:
@@ -86,29 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         write_failure(f"{type(exc).__name__}: {exc}")
         raise
-
-
-def _import_tensorflow_quietly() -> None:
-    """TensorFlow's C++ side writes its start-up lines (CUDA probes that read
-    as failures on a CPU-only host, oneDNN notices) straight to file
-    descriptor 2, before any log level applies; so stderr is parked in a file
-    while TensorFlow loads and finds its devices, and shown only if that fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as parked:
-        os.dup2(parked.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            parked.seek(0)
-            sys.stderr.buffer.write(parked.read())
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _dispatch(args) -> int:

@@ -29,33 +29,9 @@ errorlog = "-"
 
 def post_fork(server, worker):
     if not _settings.debug:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        _import_tensorflow_quietly()
+        from common.tfquiet import import_tensorflow_quietly
 
-
-def _import_tensorflow_quietly():
-    """TensorFlow's C++ side writes its start-up lines (CUDA probes that read
-    as failures on a CPU-only host, oneDNN notices) straight to file
-    descriptor 2 before any log level applies; each worker loads it with
-    stderr parked in a file, shown only if loading fails."""
-    import sys
-    import tempfile
-
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as parked:
-        os.dup2(parked.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved, 2)
-            parked.seek(0)
-            sys.stderr.buffer.write(parked.read())
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        import_tensorflow_quietly()
 
 
 def child_exit(server, worker):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import zipfile
@@ -288,14 +289,16 @@ def test_the_built_package_carries_the_page_and_its_sample_photos(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
-    for package in ("job", "serve"):  # a copy, so the build leaves nothing in the checkout
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in packages:  # a copy, so the build leaves nothing in the checkout
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
 
-    expected = ["serve/static/index.html", "serve/static/samples/README.md"]
+    # The service's own start-up needs the code both images share, too.
+    expected = ["serve/static/index.html", "serve/static/samples/README.md", "common/tfquiet.py"]
     expected += [f"serve/static/samples/{name}.png" for name in CLASSES]
     with zipfile.ZipFile(wheel) as archive:
         missing = [path for path in expected if path not in archive.namelist()]
