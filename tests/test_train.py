@@ -170,7 +170,8 @@ def test_every_recipe_switch_trains(tmp_path, run_job, extra):
     result, log = run_job(small_overrides(tmp_path, **{"train.max_steps": 8, **extra}))
     assert result.step == 8
     # This suite runs on CPU-only hosts, where float16 is slow enough to warn about.
-    assert ("warning: train.mixed_precision is on but this host has no GPU" in log) == ("train.mixed_precision" in extra)
+    warned = "warning: train.mixed_precision is on but this host has no GPU" in log
+    assert warned == ("train.mixed_precision" in extra)
     probs = outputs(result.model_uri)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
 
