@@ -12,9 +12,18 @@ NUM_CLASSES = 10
 
 
 def build(name: str, mixed_precision: bool = False, width: float = 1.0,
-          sample: np.ndarray | None = None) -> keras.Model:
+          sample: np.ndarray | None = None, seed: int | None = None) -> keras.Model:
     """`width` multiplies every layer's channels; `sample` (uint8 training
-    images) is what data-dependent initialisation reads (airbench's whitening)."""
+    images) is what data-dependent initialisation reads (airbench's whitening).
+    `seed` makes the initial weights a function of it alone; None, for a model
+    rebuilt only to restore weights into, draws from whatever state there is."""
+    if seed is not None:
+        # Keras' initialisers draw their seeds from Python's global `random`
+        # (and unseeded keras.random calls from a global generator) when
+        # constructed. Seeding here, with nothing run in between, keeps a
+        # library that consumes that state earlier in the run (boto3,
+        # fetching the data) out of the weights.
+        keras.utils.set_random_seed(seed)
     previous = keras.config.dtype_policy()
     # Layers read the policy when they are built, so it is set only around
     # construction and the process-wide default is left as it was.

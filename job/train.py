@@ -14,7 +14,6 @@ import signal
 import time
 from dataclasses import dataclass
 
-import keras
 import tensorflow as tf
 
 from job import data, distribute, export, model, optim, sources, storage
@@ -77,7 +76,8 @@ def _improved(value: float, best: float, monitor: str, min_delta: float = 0.0) -
 
 
 def configure_determinism(cfg: Config) -> None:
-    keras.utils.set_random_seed(cfg.seed)
+    # The seed is not set here: whatever runs between here and the model
+    # build (a download) may draw from global random state. model.build seeds.
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     else:
@@ -150,7 +150,8 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     spe = stream.steps_per_epoch
     with cluster.strategy.scope():
         # The whitening layer of airbench reads the first 5,000 training images.
-        net = model.build(cfg.model.name, cfg.train.mixed_precision, cfg.model.width, splits.x_train[:5000])
+        net = model.build(cfg.model.name, cfg.train.mixed_precision, cfg.model.width, splits.x_train[:5000],
+                          seed=cfg.seed)
         schedule = optim.Schedule(cfg.train, spe)
         optimizer = optim.build_optimizer(cfg.train, schedule)
         trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
