@@ -1,7 +1,9 @@
 """A run is a function of its config: its random draws come from `seed` alone,
-whatever ran before them in the process."""
+whatever ran before them in the process, and its checkpoints are resumed only
+over the data they were trained on."""
 
 import random
+import tarfile
 from pathlib import Path
 
 import boto3
@@ -11,7 +13,9 @@ import tensorflow as tf
 
 from conftest import small_overrides
 from job import sources
-from test_train import outputs
+from job.config import load_config
+from job.errors import ConfigError
+from test_train import latest, outputs
 
 REAL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"
 # The fixture holds 300 training images: one epoch of 5 steps.
@@ -47,3 +51,29 @@ def test_a_cold_and_a_warm_data_cache_train_the_same_model(tmp_path, run_job, s3
     assert sorted(p for p in cache.rglob("*") if p.is_file()) == cached
     np.testing.assert_array_equal(outputs(warm.model_uri), outputs(cold.model_uri))
 
+
+def test_resuming_over_other_data_under_the_same_uri_is_refused(tmp_path, run_job):
+    data = tmp_path / "data"
+    with tarfile.open(REAL) as tar:
+        tar.extractall(data, filter="data")
+
+    def overrides(**extra):
+        return small_overrides(tmp_path, **{**TINY_REAL, "data.uri": str(data), **extra})
+
+    run_job(overrides(**{"train.max_steps": 2}))
+    recorded = latest(tmp_path)["data_checksum"]
+    # Another data set under the same data.uri: one pixel of one training image differs.
+    batch = data / "cifar-10-batches-bin" / "data_batch_1.bin"
+    raw = bytearray(batch.read_bytes())
+    raw[1] ^= 0xFF
+    batch.write_bytes(bytes(raw))
+    replaced = sources.load(load_config(None, overrides())).checksum
+    assert replaced != recorded
+
+    # A finished run is done before any data is read.
+    _, log = run_job(overrides(**{"train.max_steps": 2}))
+    assert "nothing to do" in log
+    with pytest.raises(ConfigError, match=r"^data: ") as info:
+        run_job(overrides(**{"train.max_steps": 4}))
+    assert recorded in str(info.value) and replaced in str(info.value)
+    assert latest(tmp_path)["step"] == 2
