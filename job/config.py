@@ -123,6 +123,9 @@ class Train(Section):
 class Checkpoint(Section):
     uri: str = "runs/default/checkpoints"
     every_steps: int = Field(500, ge=1)
+    # Also commit once this much wall-clock time has passed since the last
+    # commit (spot capacity), looked at between compiled calls.
+    every_seconds: float | None = Field(None, gt=0)
     keep: int = Field(3, ge=1)
     resume: Literal["auto", "never", "required"] = "auto"
     # How long a background commit keeps retrying through a storage outage

@@ -177,12 +177,14 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     es = cfg.train.early_stopping
 
     clock_start, elapsed_before = time.perf_counter(), float(progress.elapsed.numpy())
+    last_commit = time.monotonic()
 
     def training_seconds() -> float:
         return elapsed_before + time.perf_counter() - clock_start
 
     def commit(**fields) -> None:
-        nonlocal record
+        nonlocal record, last_commit
+        last_commit = time.monotonic()
         progress.elapsed.assign(training_seconds())
         if not cluster.is_chief:
             return
@@ -234,7 +236,11 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
                 if history:
                     history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
                                              "train/learning_rate": float(schedule(optimizer.iterations))})
-            if step % cfg.checkpoint.every_steps == 0 and in_epoch < spe:
+            # On spot capacity what a reclaim costs is time, which a step count
+            # does not bound; time is looked at only between compiled calls.
+            time_due = (cfg.checkpoint.every_seconds is not None
+                        and time.monotonic() - last_commit >= cfg.checkpoint.every_seconds)
+            if (step % cfg.checkpoint.every_steps == 0 or time_due) and in_epoch < spe:
                 commit()
             if cluster.any_worker(sigterm.raised):
                 commit()

@@ -322,6 +322,7 @@ def test_wrong_type_in_file(tmp_path):
     ("data.synthetic.train_size=0", "data.synthetic.train_size"),
     ("checkpoint.every_steps=0", "checkpoint.every_steps"),
     ("checkpoint.keep=0", "checkpoint.keep"),
+    ("checkpoint.every_seconds=0", "checkpoint.every_seconds"),
     ("export.model_name=../escape", "export.model_name"),
 ])
 def test_out_of_range(pair, field):

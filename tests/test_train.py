@@ -206,3 +206,11 @@ def test_sigterm_commits_a_checkpoint_and_exits_75(tmp_path):
     resumed = subprocess.run(cmd[:-2] + ["--set", "train.epochs=3"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {record['step']}" in resumed.stdout
+
+
+def test_every_seconds_commits_at_each_compiled_call(tmp_path, run_job):
+    # A time limit every compiled call overruns, and a step count never due:
+    # every call ends in a commit (the epoch's end commits anyway).
+    run_job(small_overrides(tmp_path, **{"train.epochs": 1, "train.steps_per_loop": 4, "checkpoint.every_steps": 1000,
+                                         "checkpoint.every_seconds": "0.000001", "checkpoint.keep": 100}))
+    assert latest(tmp_path)["kept"] == [*range(4, 31, 4), 31]
