@@ -7,6 +7,7 @@ trains with a default.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from job.errors import ConfigError
-from job.platform import platform_overrides
+from job.platform import hyperparameters, platform_overrides
 
 
 class Section(BaseModel):
@@ -259,19 +260,36 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def parse_overrides(pairs: list[str]) -> dict:
+def typed(raw: str) -> Any:
+    """A value given as text (`--set`, a SageMaker hyperparameter), typed:
+    YAML gives `3`, `true`, `null` and `[1, 2]` their natural types."""
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        # Not YAML, so plain text; validation names the field if text is wrong there.
+        return raw
+
+
+def merge_dotted(items: Iterable[tuple[str, Any]]) -> dict:
+    """Dotted keys and their values, in order, as one nested dict."""
     tree: dict = {}
+    for key, value in items:
+        one: dict = {}
+        _set_dotted(one, key, value)
+        # Merged like the sources are, so `train.lr_schedule=cosine` after
+        # `train.lr_schedule.warmup_epochs=1` keeps the parameter.
+        tree = _deep_merge(tree, one)
+    return tree
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    items = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        # YAML gives `3`, `true`, `null` and `[1, 2]` their natural types.
-        one: dict = {}
-        _set_dotted(one, key.strip(), yaml.safe_load(raw) if raw else "")
-        # Merged like the sources are, so `--set train.lr_schedule=cosine`
-        # after `--set train.lr_schedule.warmup_epochs=1` keeps the parameter.
-        tree = _deep_merge(tree, one)
-    return tree
+        items.append((key.strip(), typed(raw)))
+    return merge_dotted(items)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -316,12 +334,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # pydantic-settings ranks init kwargs above the environment, so the file
     # and --set are merged here and the environment slotted between them.
     env_values = _environment()
-    platform_values = platform_overrides(os.environ) if platform else {}
+    platform_values = _platform(os.environ) if platform else {}
     merged = _deep_merge(_deep_merge(_deep_merge(file_values, platform_values), env_values), set_values)
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
+
+
+def _platform(environ: Mapping[str, str]) -> dict:
+    """The platform layer: its conventions, and above them SageMaker
+    hyperparameters, which are dotted keys like `--set`'s and merge the same way."""
+    hps = merge_dotted((key, typed(value) if isinstance(value, str) else value)
+                       for key, value in hyperparameters(environ))
+    return _deep_merge(platform_overrides(environ), hps)
 
 
 def _environment() -> dict:

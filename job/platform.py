@@ -2,7 +2,9 @@
 
 SageMaker and Vertex AI tell a container where its model, checkpoints and data
 must go through environment variables and fixed paths. `platform_overrides`
-turns them into config values, a layer that `load_config` puts above the
+turns them into config values, and `hyperparameters` lists SageMaker's
+hyperparameters; `load_config` merges the two (hyperparameters above the
+conventions, as dotted keys exactly like `--set`'s) into one layer above the
 config file (the platform knows where things must go on it) and below
 `CIFAR_*` variables and `--set` (a user's explicit choice still wins):
 
@@ -15,8 +17,8 @@ SageMaker (detected by `SM_MODEL_DIR`, `TRAINING_JOB_ARN` or
   - `checkpoint.uri` <- `/opt/ml/checkpoints` when it exists (SageMaker
     syncs it with `CheckpointConfig.S3Uri`, and copies it back in on a restart)
   - hyperparameters (`hyperparameters.json`, or `SM_HPS`) whose names are
-    config keys (`train.epochs`: "3"), typed like `--set` values; the names
-    SageMaker's own tooling adds (`sagemaker_*`, `_tuning_*`) are skipped.
+    config keys (`train.epochs`: "3"), typed and merged like `--set` values;
+    the names SageMaker's own tooling adds (`sagemaker_*`, `_tuning_*`) are skipped.
 Vertex AI (detected by `AIP_MODEL_DIR` or `AIP_CHECKPOINT_DIR`):
   - `export.uri` <- `AIP_MODEL_DIR`, `checkpoint.uri` <- `AIP_CHECKPOINT_DIR`;
     `gs://bucket/path` becomes `/gcs/bucket/path`, the Cloud Storage FUSE
@@ -34,8 +36,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from job.errors import ConfigError
 
@@ -74,7 +74,7 @@ def _sagemaker(environ: Mapping[str, str], root: Path) -> dict:
         out["data"] = {"source": "cifar10", "uri": _channel_uri(Path(channel))}
     if (root / "checkpoints").is_dir():
         out["checkpoint"] = {"uri": str(root / "checkpoints")}
-    return _merge(out, _hyperparameters(environ, root))
+    return out
 
 
 def _channel(environ: Mapping[str, str], root: Path) -> str | None:
@@ -106,7 +106,12 @@ def _channel_uri(path: Path) -> str:
     return str(path)
 
 
-def _hyperparameters(environ: Mapping[str, str], root: Path) -> dict:
+def hyperparameters(environ: Mapping[str, str], root: Path | None = None) -> list[tuple[str, Any]]:
+    """SageMaker's hyperparameters that name config keys, in their order, as
+    given (SageMaker passes strings); none when not under SageMaker."""
+    root = SAGEMAKER_ROOT if root is None else root
+    if detect(environ, root) != "sagemaker":
+        return []
     path = root / "input" / "config" / "hyperparameters.json"
     try:
         raw = path.read_text() if path.is_file() else environ.get("SM_HPS", "")
@@ -115,24 +120,7 @@ def _hyperparameters(environ: Mapping[str, str], root: Path) -> dict:
         raise ConfigError(f"cannot read SageMaker hyperparameters ({path} or SM_HPS): {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"SageMaker hyperparameters ({path} or SM_HPS) must be a JSON object")
-    out: dict = {}
-    for key, value in values.items():
-        if key.startswith(("sagemaker_", "_")):
-            continue
-        if isinstance(value, str):
-            # SageMaker passes every value as a string; read it like `--set` does.
-            try:
-                value = yaml.safe_load(value) if value else ""
-            except yaml.YAMLError:
-                pass
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"SageMaker hyperparameter {key!r} conflicts with another one")
-        node[leaf] = value
-    return out
+    return [(key, value) for key, value in values.items() if not key.startswith(("sagemaker_", "_"))]
 
 
 def _vertex(environ: Mapping[str, str]) -> dict:
@@ -148,16 +136,6 @@ def _gcs_path(uri: str) -> str:
     if uri.startswith("gs://"):
         return "/gcs/" + uri.removeprefix("gs://").rstrip("/")
     return uri.rstrip("/") or uri
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def failure_file(environ: Mapping[str, str] | None = None, root: Path | None = None) -> Path | None:

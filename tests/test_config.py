@@ -198,6 +198,11 @@ def test_set_numeric_looking_string_fields_stay_strings(monkeypatch):
     assert load_config().export.model_name == "2024"
 
 
+def test_set_value_that_is_not_yaml_is_text():
+    # `[` opens a YAML list that never closes: the value is taken as written.
+    assert load_config(None, ["checkpoint.uri=[runs]/a[b"]).checkpoint.uri == "[runs]/a[b"
+
+
 def test_set_a_whole_section_as_a_flow_mapping():
     cfg = load_config(None, ["train={epochs: 2, batch_size: 8}"])
     assert (cfg.train.epochs, cfg.train.batch_size) == (2, 8)

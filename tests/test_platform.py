@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from job import cli, platform
-from job.config import load_config
+from job.config import load_config, merge_dotted, typed
 from job.errors import ConfigError, Preempted
 from job.platform import detect, platform_overrides, write_failure
 
@@ -241,3 +242,102 @@ def test_an_unexpected_error_leaves_the_failure_file_and_keeps_its_traceback(tmp
     with pytest.raises(RuntimeError):
         cli.main(["check-config"])
     assert (tmp_path / "failure").read_text() == "RuntimeError: a bug\n"
+
+
+# --- the README's precedence table, checked ------------------------------------------
+
+
+class Layers:
+    """Values set in the layers of the config's precedence, each the way a user sets it there."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
+        self.file: list[tuple[str, str]] = []
+        self.hyperparameters: dict[str, str] = {}
+        self.sets: list[str] = []
+
+    def set(self, layer: str, key: str, value: str) -> None:
+        if layer == "config file":
+            self.file.append((key, value))
+        elif layer == "platform conventions":
+            self.hyperparameters[key] = value
+        elif layer == "environment":
+            self.monkeypatch.setenv("CIFAR_" + key.upper().replace(".", "__"), value)
+        else:
+            assert layer == "`--set`", layer
+            self.sets.append(f"{key}={value}")
+
+    def resolve(self):
+        path = None
+        if self.file:
+            path = self.tmp_path / "job.yaml"
+            path.write_text(yaml.safe_dump(merge_dotted((k, typed(v)) for k, v in self.file)))
+        if self.hyperparameters:
+            config = opt_ml(self.tmp_path) / "input" / "config"
+            config.mkdir(parents=True, exist_ok=True)
+            (config / "hyperparameters.json").write_text(json.dumps(self.hyperparameters))
+        return load_config(path, self.sets)
+
+
+def readme_precedence() -> list[tuple[str, str]]:
+    """(layer, what sets it) from the README's precedence table, lowest first."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("| precedence | layer | what sets it |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(tuple(cell.strip() for cell in line.strip("|").split("|")[1:3]))
+    return rows
+
+
+SETTABLE = ["config file", "platform conventions", "environment", "`--set`"]
+# Each platform convention the README's table places in the platform layer, as it sets export.uri.
+PLATFORM_EXPORT = {
+    "SM_MODEL_DIR": {"SM_MODEL_DIR": "/platform"},
+    "AIP_MODEL_DIR": {"AIP_MODEL_DIR": "/platform"},
+    "hyperparameters": {"SM_HPS": json.dumps({"export.uri": "/platform"}), "SM_MODEL_DIR": "/below-hyperparameters"},
+}
+
+
+def test_readme_precedence_table_lists_the_layers_lowest_first():
+    rows = readme_precedence()
+    assert [layer for layer, _ in rows] == ["defaults", *SETTABLE]
+    where = dict(rows)
+    for name in (*PLATFORM_EXPORT, "SM_CHANNEL_*", "AIP_CHECKPOINT_DIR"):
+        assert name in where["platform conventions"], name
+    assert "CIFAR_" in where["environment"] and "AWS Batch" in where["environment"]
+    assert "submit aws-batch" in where["`--set`"]
+
+
+@pytest.mark.parametrize("convention", PLATFORM_EXPORT)
+@pytest.mark.parametrize("low, high", [(a, b) for i, a in enumerate(SETTABLE) for b in SETTABLE[i + 1:]])
+def test_a_higher_layer_of_the_readme_table_wins(tmp_path, monkeypatch, convention, low, high):
+    layers = Layers(tmp_path, monkeypatch)
+    for layer in (low, high):
+        if layer == "platform conventions":
+            for name, value in PLATFORM_EXPORT[convention].items():
+                monkeypatch.setenv(name, value)
+        else:
+            layers.set(layer, "export.uri", f"/{layer.strip('`')}")
+    expected = "/platform" if high == "platform conventions" else f"/{high.strip('`')}"
+    assert layers.resolve().export.uri == expected
+
+
+# Within one layer too, where it takes both keys at once: the environment has
+# no order and a file's mapping holds one value per key.
+ORDERED = ["platform conventions", "`--set`"]
+
+
+@pytest.mark.parametrize("name_in, parameter_in",
+                         [(a, b) for a in SETTABLE for b in SETTABLE if a != b or a in ORDERED])
+def test_a_named_schedule_and_its_parameter_from_any_layers_in_either_order(tmp_path, monkeypatch,
+                                                                             name_in, parameter_in):
+    keys = {"name": (name_in, "train.lr_schedule", "cosine"),
+            "parameter": (parameter_in, "train.lr_schedule.warmup_epochs", "2")}
+    for order in (["name", "parameter"], ["parameter", "name"]):
+        layers = Layers(tmp_path, monkeypatch)
+        for which in order:
+            layers.set(*keys[which])
+        schedule = layers.resolve().train.lr_schedule
+        assert (schedule.name, schedule.warmup_epochs) == ("cosine", 2.0), order
