@@ -141,6 +141,8 @@ class Checkpoint(Section):
 class Export(Section):
     uri: str = "runs/default/export"
     model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # best: the checkpoint with the best validation result (train.early_stopping.monitor).
+    weights: Literal["last", "best"] = "last"
 
 
 class Distribute(Section):
@@ -176,6 +178,7 @@ class Config(BaseSettings):
             for name, on in [
                 ("train.early_stopping", self.train.early_stopping.enabled),
                 ("train.lr_schedule (reduce_on_plateau)", self.train.lr_schedule.name == "reduce_on_plateau"),
+                ("export.weights (best)", self.export.weights == "best"),
             ]
             if on
         ]

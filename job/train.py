@@ -275,15 +275,24 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         commit()
     train_seconds = float(progress.elapsed.numpy())
     store.uploader.flush()
-    if bool(progress.stopped_early.numpy()) and es.restore_best and record.get("best"):
-        best = record["best"]["step"]
-        console.info(f"early stopping: restoring the best weights, from step {best}")
-        store.restore(tf.train.Checkpoint(model=net), best)
+    best = record.get("best")
+    weights_step = step
+    if best and (cfg.export.weights == "best" or (bool(progress.stopped_early.numpy()) and es.restore_best)):
+        why = "export.weights=best" if cfg.export.weights == "best" else "early stopping"
+        console.info(f"{why}: restoring the best weights, from step {best['step']} "
+                     f"({best['monitor']} {best['value']:.4f})")
+        store.restore(tf.train.Checkpoint(model=net), best["step"])
+        weights_step = best["step"]
+    elif cfg.export.weights == "best":
+        console.info("export.weights=best: this run holds no best checkpoint (no validation yet, or the best "
+                     "was not among the checkpoints it restarted with); exporting the last weights")
     test_loss, test_acc, n_test = trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
     console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
     card = {
         "model": cfg.model.name,
         "step": step,
+        # Not `step` where export.weights or early stopping chose the best checkpoint.
+        "weights_step": weights_step,
         "epochs_done": int(progress.epochs_done.numpy()),
         "test_accuracy": test_acc,
         "test_loss": test_loss,

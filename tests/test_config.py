@@ -507,3 +507,12 @@ def test_jit_compile_needs_deterministic_off():
     refused("train.jit_compile", "train.deterministic", sets=["train.jit_compile=true"])
     cfg = load_config(None, ["train.jit_compile=true", "train.deterministic=false"])
     assert cfg.train.jit_compile is True and cfg.train.deterministic is False
+
+
+# --- what a run starts from, what it exports -----------------------------------------------
+
+
+
+def test_export_weights_best_needs_a_validation_split():
+    refused("data.validation_size", "export.weights", sets=["export.weights=best", "data.validation_size=0"])
+    assert load_config(None, ["export.weights=best"]).export.weights == "best"
