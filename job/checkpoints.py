@@ -28,6 +28,8 @@ import tensorflow as tf
 from job import storage
 from job.errors import ConfigError, StorageError
 
+RECORD = "record.json"
+
 
 class Uploader:
     """One background thread that runs storage writes in order, each retried
@@ -94,6 +96,9 @@ class CheckpointStore:
         kept = [s for s in (previous or {}).get("kept", []) if s != step] + [step]
         record = {**(previous or {}), **fields, "step": step, "checkpoint": f"ckpt-{step}",
                   "kept": kept[-self.keep:]}
+        # The record travels inside the checkpoint too: a restart from this
+        # step (checkpoint.resume_from) needs the run as it was then.
+        (staged / RECORD).write_text(json.dumps(record, indent=2))
         self.uploader.submit(self._commit, staged, record)
         return record
 
@@ -111,6 +116,11 @@ class CheckpointStore:
 
     def _write_latest(self, record: dict) -> None:
         self.backend.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
+
+    def record_at(self, step: int) -> dict | None:
+        """latest.json as it was when `step` was committed, or None where there is no such checkpoint."""
+        raw = self.backend.read_bytes(storage.join(self.uri, f"ckpt-{step}", RECORD))
+        return json.loads(raw) if raw else None
 
     def restore(self, checkpoint: tf.train.Checkpoint, step: int) -> None:
         local = self.backend.local_copy(storage.join(self.uri, f"ckpt-{step}"))

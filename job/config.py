@@ -47,6 +47,9 @@ class Model(Section):
     name: Literal["simple_cnn", "resnet", "airbench"] = "simple_cnn"
     # Multiplies every layer's channel count: 0.5 is a network four times cheaper.
     width: float = Field(1.0, gt=0, le=8)
+    # Another run's checkpoint.uri (its latest checkpoint) or one of its
+    # `.../ckpt-<step>` directories: a new run starts from its weights.
+    init_from: str | None = None
 
 
 class Constant(Section):
@@ -129,6 +132,9 @@ class Checkpoint(Section):
     every_seconds: float | None = Field(None, gt=0)
     keep: int = Field(3, ge=1)
     resume: Literal["auto", "never", "required"] = "auto"
+    # A step kept in this checkpoint.uri, or another run's checkpoint.uri or
+    # `.../ckpt-<step>` directory: the run restarts from that state.
+    resume_from: int | str | None = None
     # How long a background commit keeps retrying through a storage outage
     # before the job gives up with exit 4.
     retry_seconds: float = Field(300.0, gt=0)
@@ -136,6 +142,12 @@ class Checkpoint(Section):
     grace_seconds: float = Field(30.0, gt=0)
     # A run that dies holding the lease blocks a successor for at most this long.
     lease_seconds: float = Field(60.0, ge=1)
+
+    @field_validator("resume_from", mode="before")
+    @classmethod
+    def _step_as_int(cls, value: Any) -> Any:
+        # The environment gives every value as a string; `40` is a step wherever it comes from.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 class Export(Section):
@@ -188,6 +200,11 @@ class Config(BaseSettings):
             # no GPU time; failing at the first step would.
             raise ValueError("train.jit_compile needs train.deterministic=false: XLA has no deterministic "
                              "kernels for some of the gradients these models use")
+        if self.checkpoint.resume_from is not None and self.model.init_from is not None:
+            raise ValueError("checkpoint.resume_from and model.init_from exclude each other: resume_from restores "
+                             "a run's whole state, init_from only its weights into a new run")
+        if self.checkpoint.resume_from is not None and self.checkpoint.resume == "never":
+            raise ValueError("checkpoint.resume_from needs checkpoint.resume auto or required, not never")
         if needs_val and self.data.validation_size == 0:
             raise ValueError(f"data.validation_size is 0 but {needs_val[0]} needs a validation split")
         if self.data.source == "synthetic" and self.data.validation_size >= self.data.synthetic.train_size:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from job import data, distribute, export, model, optim, sources, storage
-from job.checkpoints import CheckpointStore, Lease, Uploader
+from job.checkpoints import RECORD, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import ConfigError, DivergedError, PeerLost, Preempted, StorageError
 from job.history import History
@@ -131,10 +131,18 @@ def run(cfg: Config, console: Console) -> Result:
 def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: CheckpointStore, lease: Lease | None,
          sigterm: _SigtermFlag) -> Result:
     latest = None if cfg.checkpoint.resume == "never" else store.latest()
+    # From here `latest` is the record of the checkpoint this run continues
+    # from: its own newest, or the one checkpoint.resume_from names.
+    source, latest, restarted_from = _starting_point(cfg, store, latest, console)
     if cfg.checkpoint.resume == "required" and latest is None:
         raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
     if latest is not None:
-        _check_fingerprint(cfg, latest)
+        _check_fingerprint(cfg, latest, restarted_from or source.uri)
+    init_store = init_record = None
+    if latest is None and cfg.model.init_from:
+        # Only a new run is warm-started: a retried one resumes its own checkpoint.
+        init_store, init_record = _checkpoint_at(cfg.model.init_from, "model.init_from", store)
+        _check_architecture(cfg, init_record, storage.join(init_store.uri, init_record["checkpoint"]))
     if latest and latest.get("finished") and _reached_stop(cfg, latest):
         ex = latest["export"]
         console.info(f"run already finished at step {latest['step']}; model version {ex['version']} "
@@ -166,10 +174,15 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
 
     if latest is not None:
-        store.restore(checkpoint, latest["step"])
+        source.restore(checkpoint, latest["step"])
         if history:
             history.resume(latest["step"])
-        console.info(f"resumed from step {latest['step']}")
+        console.info(f"resumed from step {latest['step']}"
+                     + (f" ({restarted_from}, checkpoint.resume_from)" if restarted_from else ""))
+    elif init_record is not None:
+        init_store.restore(tf.train.Checkpoint(model=net), init_record["step"])
+        console.info(f"initialised weights from {storage.join(init_store.uri, init_record['checkpoint'])} "
+                     f"(model.init_from); a new optimizer, training from step 0")
     record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": splits.checksum}
 
     target = _target_step(cfg, spe)
@@ -192,6 +205,11 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
             raise StorageError(f"another run took the lease on {cfg.checkpoint.uri}; stopping without writing")
         record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
                             stopped_early=bool(progress.stopped_early.numpy()), **fields)
+
+    if source is not store:
+        # A checkpoint of its own at once: from here the run needs nothing
+        # of the one it restarted from.
+        commit()
 
     first_call = None
     while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
@@ -378,13 +396,74 @@ def _check_data(cfg: Config, latest: dict, current: str) -> None:
             f"something else here. Use another checkpoint.uri, or checkpoint.resume=never to start over.")
 
 
-def _check_fingerprint(cfg: Config, latest: dict) -> None:
+def _check_fingerprint(cfg: Config, latest: dict, where: str) -> None:
     stored = latest.get("fingerprint", {})
     current = cfg.fingerprint()
     changed = [k for k in current if k in stored and stored[k] != current[k]]
     if changed:
         details = ", ".join(f"{k}: {stored[k]!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(
-            f"the checkpoint at {cfg.checkpoint.uri} was made with a different config ({details}); "
+            f"the checkpoint at {where} was made with a different config ({details}); "
             f"its state would mean something else here. Use another checkpoint.uri, or "
             f"checkpoint.resume=never to start over.")
+
+
+def _check_architecture(cfg: Config, record: dict, where: str) -> None:
+    stored = record.get("fingerprint", {})
+    for key, value in (("model.name", cfg.model.name), ("model.width", cfg.model.width)):
+        if stored.get(key, value) != value:
+            raise ConfigError(f"model.init_from: the weights at {where} are of another network ({key} "
+                              f"{stored[key]!r}, this run {value!r}); set {key} to match or drop model.init_from")
+
+
+def _checkpoint_at(uri: str, field: str, store: CheckpointStore) -> tuple[CheckpointStore, dict]:
+    """A checkpoint named by URI, as the store holding it and its record: a
+    run's checkpoint.uri means its newest checkpoint, `.../ckpt-<step>` that one."""
+    named = re.fullmatch(r"(.+)/ckpt-(\d+)/?", uri)
+    run_uri = named.group(1) if named else uri
+    holder = store if run_uri.rstrip("/") == store.uri.rstrip("/") else \
+        CheckpointStore(run_uri, store.keep, store.uploader)
+    if named:
+        step = int(named.group(2))
+    else:
+        newest = holder.latest()
+        if newest is None:
+            raise ConfigError(f"{field}: {uri} holds no committed checkpoint (no latest.json)")
+        step = newest["step"]
+    record = holder.record_at(step)
+    if record is None:
+        raise ConfigError(f"{field}: {storage.join(run_uri, f'ckpt-{step}')} is not a checkpoint this job can "
+                          f"restart from (it has no {RECORD})")
+    return holder, record
+
+
+def _starting_point(cfg: Config, store: CheckpointStore, latest: dict | None,
+                    console: Console) -> tuple[CheckpointStore, dict | None, str | None]:
+    """The store and record this run continues from, and the checkpoint's URI
+    where that is checkpoint.resume_from's rather than the run's own newest."""
+    wanted = cfg.checkpoint.resume_from
+    # A run that has restarted from `wanted` and was then stopped (SIGTERM,
+    # a lost node) carries on from its own checkpoints when retried.
+    if wanted is None or (latest and latest.get("resumed_from", {}).get("request") == wanted):
+        return store, latest, None
+    if isinstance(wanted, int):
+        kept = sorted({*latest["kept"], *([latest["best"]["step"]] if latest.get("best") else [])}) if latest else []
+        if wanted not in kept:
+            raise ConfigError(f"checkpoint.resume_from: step {wanted} is not a kept checkpoint of "
+                              f"{cfg.checkpoint.uri} (kept: {', '.join(map(str, kept)) or 'none'})")
+        wanted_uri = storage.join(store.uri, f"ckpt-{wanted}")
+    else:
+        wanted_uri = wanted
+    source, record = _checkpoint_at(wanted_uri, "checkpoint.resume_from", store)
+    where = storage.join(source.uri, record["checkpoint"])
+    # The record names checkpoints the run may hold no more (pruned since, or
+    # in the other run's checkpoint.uri): keep those it can restore.
+    available = set(store.backend.published(store.uri)) if source is store else {record["checkpoint"]}
+    kept = [s for s in record["kept"] if f"ckpt-{s}" in available]
+    best = record.get("best")
+    if best and f"ckpt-{best['step']}" not in available:
+        console.info(f"the best checkpoint before step {record['step']} (step {best['step']}) is not in "
+                     f"{cfg.checkpoint.uri}; export.weights=best and restore_best count from here")
+        best = None
+    resumed_from = {"request": wanted, "checkpoint": where}
+    return source, {**record, "kept": kept, "best": best, "resumed_from": resumed_from}, where

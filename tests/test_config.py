@@ -513,6 +513,22 @@ def test_jit_compile_needs_deterministic_off():
 
 
 
+def test_resume_from_a_step_is_a_step_from_any_source(monkeypatch):
+    monkeypatch.setenv("CIFAR_CHECKPOINT__RESUME_FROM", "40")
+    assert load_config().checkpoint.resume_from == 40
+    uri = "s3://bucket/run/checkpoints/ckpt-40"
+    assert load_config(None, [f"checkpoint.resume_from={uri}"]).checkpoint.resume_from == uri
+
+
+def test_resume_from_and_init_from_exclude_each_other():
+    refused("checkpoint.resume_from", "model.init_from",
+            sets=["checkpoint.resume_from=40", "model.init_from=s3://bucket/other/checkpoints"])
+
+
+def test_resume_from_needs_resume_allowed():
+    refused("checkpoint.resume_from", "never", sets=["checkpoint.resume_from=40", "checkpoint.resume=never"])
+
+
 def test_export_weights_best_needs_a_validation_split():
     refused("data.validation_size", "export.weights", sets=["export.weights=best", "data.validation_size=0"])
     assert load_config(None, ["export.weights=best"]).export.weights == "best"

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from conftest import small_overrides
 from job.config import load_config
+from job.errors import ConfigError
 from job.evaluate import evaluate
 from test_train import PROBE, latest, outputs
 
@@ -22,6 +23,53 @@ def probabilities_at(ckpt_dir) -> np.ndarray:
     tf.train.Checkpoint(model=net).read(str(ckpt_dir / "ckpt")).expect_partial()
     return tf.nn.softmax(net(PROBE, training=False)).numpy()
 
+
+
+def test_restarting_from_another_runs_checkpoint_ends_where_that_run_ended(tmp_path, run_job):
+    # The schedule and the augmentation both depend on the restored step.
+    common = {"train.lr_schedule": "cosine", "data.augment": "true"}
+    a, _ = run_job(small_overrides(tmp_path / "a", **common))
+    step = latest(tmp_path / "a")["kept"][0]
+    assert STEPS_PER_EPOCH < step < a.step
+    source = tmp_path / "a" / "ckpt" / f"ckpt-{step}"
+    b_config = small_overrides(tmp_path / "b", **common, **{"checkpoint.resume_from": source})
+    b, log = run_job(b_config)
+    assert f"resumed from step {step} ({source}, checkpoint.resume_from)" in log
+    assert b.step == a.step
+    np.testing.assert_array_equal(outputs(b.model_uri), outputs(a.model_uri))
+    # B holds the starting point itself, so it needs nothing of A's from now on.
+    assert step in latest(tmp_path / "b")["kept"] and (tmp_path / "b" / "ckpt" / f"ckpt-{step}").is_dir()
+    # Retried with the same config, B carries on from its own state instead of going back.
+    again, log = run_job(b_config)
+    assert "nothing to do" in log and again.version == b.version
+
+
+def test_restarting_from_an_earlier_kept_step_of_the_run_itself(tmp_path, run_job):
+    first, _ = run_job(small_overrides(tmp_path))
+    record = latest(tmp_path)
+    kept = sorted({*record["kept"], record["best"]["step"]})
+    with pytest.raises(ConfigError, match=rf"checkpoint\.resume_from: step 7 .*\(kept: {', '.join(map(str, kept))}\)"):
+        run_job(small_overrides(tmp_path, **{"checkpoint.resume_from": 7}))
+    step = record["kept"][0]
+    again, log = run_job(small_overrides(tmp_path, **{"checkpoint.resume_from": step}))
+    assert f"resumed from step {step}" in log and again.version == 2
+    np.testing.assert_array_equal(outputs(again.model_uri), outputs(first.model_uri))
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, run_job):
+    run_job(small_overrides(tmp_path / "a", **{"train.epochs": 1}))
+    source = tmp_path / "a" / "ckpt"
+    # A learning rate too small to move the weights: what B exports is what it started from.
+    warm = {"model.init_from": source, "train.learning_rate": 1e-12, "train.max_steps": 1}
+    b, log = run_job(small_overrides(tmp_path / "b", **warm))
+    assert f"initialised weights from {source / f'ckpt-{STEPS_PER_EPOCH}'}" in log and "resumed" not in log
+    assert b.step == 1 and latest(tmp_path / "b")["step"] == 1
+    np.testing.assert_allclose(outputs(b.model_uri), probabilities_at(source / f"ckpt-{STEPS_PER_EPOCH}"), atol=1e-5)
+    # A retried run resumes its own checkpoint; the warm start was for its beginning.
+    again, log = run_job(small_overrides(tmp_path / "b", **{**warm, "train.max_steps": 2}))
+    assert "resumed from step 1" in log and "initialised" not in log and again.step == 2
+    with pytest.raises(ConfigError, match=r"model\.init_from.*model\.width"):
+        run_job(small_overrides(tmp_path / "c", **{"model.init_from": source, "model.width": 0.5}))
 
 
 def test_export_weights_best_exports_the_best_checkpoint(tmp_path, run_job):
