@@ -87,6 +87,10 @@ class ReduceOnPlateau(Section):
 _SCHEDULES = (Constant, Exponential, Cosine, OneCycle, ReduceOnPlateau)
 Schedule = Annotated[Union[_SCHEDULES], Field(discriminator="name")]  # noqa: UP007
 _SCHEDULE_NAMES = {get_args(s.model_fields["name"].annotation)[0] for s in _SCHEDULES}
+# Schedules whose curve spans `train.epochs`: for them the epochs are fixed
+# when a run starts (they are in its fingerprint), as a resume under another
+# value would bend the curve mid-run. The others take epochs as a stop only.
+HORIZON_SCHEDULES = ("cosine", "one_cycle")
 
 
 class EarlyStopping(Section):
@@ -219,9 +223,11 @@ class Config(BaseSettings):
 
         Resuming under different values would load weights or optimizer slots
         into a different problem; stop conditions (epochs, max_steps, early
-        stopping) and where things are stored may change freely.
+        stopping) and where things are stored may change freely, except
+        epochs under a schedule that spans them (HORIZON_SCHEDULES).
         """
         d = self.model_dump(mode="json")
+        horizon = {"train.epochs": d["train"]["epochs"]} if self.train.lr_schedule.name in HORIZON_SCHEDULES else {}
         return {
             "seed": d["seed"],
             "data.source": d["data"]["source"],
@@ -234,6 +240,7 @@ class Config(BaseSettings):
             "train.optimizer": d["train"]["optimizer"],
             "train.batch_size": d["train"]["batch_size"],
             "train.mixed_precision": d["train"]["mixed_precision"],
+            **horizon,
         }
 
 

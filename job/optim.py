@@ -3,7 +3,9 @@
 Every schedule is a function of the optimizer's step alone, times a scale
 that only reduce-on-plateau changes; both live in the checkpoint, so a
 resumed run follows the same curve. The horizon is `train.epochs`, never
-`train.max_steps`: stopping early must not bend the curve.
+`train.max_steps`: stopping early must not bend the curve. For the schedules
+that have one (config.HORIZON_SCHEDULES) it is in the run's fingerprint, so a
+resume cannot change it either.
 """
 
 from __future__ import annotations

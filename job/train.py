@@ -402,10 +402,16 @@ def _check_fingerprint(cfg: Config, latest: dict, where: str) -> None:
     changed = [k for k in current if k in stored and stored[k] != current[k]]
     if changed:
         details = ", ".join(f"{k}: {stored[k]!r} -> {current[k]!r}" for k in changed)
+        horizon = ""
+        if "train.epochs" in changed:
+            horizon = (f" train.epochs is fixed for a run whose schedule spans it "
+                       f"({cfg.train.lr_schedule.name}): to stop earlier, set train.max_steps; to train longer, "
+                       f"start a new run with another checkpoint.uri, warm-started by model.init_from={where} "
+                       f"if you like.")
         raise ConfigError(
             f"the checkpoint at {where} was made with a different config ({details}); "
             f"its state would mean something else here. Use another checkpoint.uri, or "
-            f"checkpoint.resume=never to start over.")
+            f"checkpoint.resume=never to start over.{horizon}")
 
 
 def _check_architecture(cfg: Config, record: dict, where: str) -> None:

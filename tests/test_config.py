@@ -512,6 +512,14 @@ def test_jit_compile_needs_deterministic_off():
 # --- what a run starts from, what it exports -----------------------------------------------
 
 
+@pytest.mark.parametrize("schedule, spans_epochs", [
+    ("cosine", True), ("one_cycle", True), ("constant", False), ("exponential", False),
+])
+def test_epochs_are_in_the_fingerprint_only_under_a_schedule_that_spans_them(schedule, spans_epochs):
+    changed = fingerprint(f"train.lr_schedule={schedule}", "train.epochs=50") != fingerprint(
+        f"train.lr_schedule={schedule}")
+    assert changed == spans_epochs
+
 
 def test_resume_from_a_step_is_a_step_from_any_source(monkeypatch):
     monkeypatch.setenv("CIFAR_CHECKPOINT__RESUME_FROM", "40")

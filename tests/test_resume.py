@@ -24,6 +24,21 @@ def probabilities_at(ckpt_dir) -> np.ndarray:
     return tf.nn.softmax(net(PROBE, training=False)).numpy()
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])
+def test_epochs_are_fixed_for_a_run_whose_schedule_spans_them(tmp_path, run_job, schedule):
+    run_job(small_overrides(tmp_path, **{"train.lr_schedule": schedule, "train.max_steps": 3}))
+    for epochs in (3, 1):
+        with pytest.raises(ConfigError, match=rf"train\.epochs: 2 -> {epochs}.*train\.max_steps.*model\.init_from"):
+            run_job(small_overrides(tmp_path, **{"train.lr_schedule": schedule, "train.epochs": epochs}))
+    result, log = run_job(small_overrides(tmp_path, **{"train.lr_schedule": schedule, "train.max_steps": 6}))
+    assert "resumed from step 3" in log and result.step == 6
+
+
+def test_epochs_stay_a_stop_condition_for_a_schedule_without_a_horizon(tmp_path, run_job):
+    run_job(small_overrides(tmp_path, **{"train.lr_schedule": "exponential", "train.epochs": 1}))
+    result, log = run_job(small_overrides(tmp_path, **{"train.lr_schedule": "exponential"}))
+    assert f"resumed from step {STEPS_PER_EPOCH}" in log and result.step == 2 * STEPS_PER_EPOCH
+
 
 def test_restarting_from_another_runs_checkpoint_ends_where_that_run_ended(tmp_path, run_job):
     # The schedule and the augmentation both depend on the restored step.
