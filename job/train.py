@@ -152,7 +152,7 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
 
     splits = sources.load(cfg)
     if latest is not None:
-        _check_data(cfg, latest, splits.checksum)
+        _check_data(cfg, latest, splits.checksum, restarted_from or source.uri)
     console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
                  f"examples ({cfg.data.source}, {splits.checksum[:19]})")
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment,
@@ -385,13 +385,13 @@ def _reached_stop(cfg: Config, latest: dict) -> bool:
     return latest.get("stopped_early") or latest["step"] >= _target_step(cfg, latest["steps_per_epoch"])
 
 
-def _check_data(cfg: Config, latest: dict, current: str) -> None:
+def _check_data(cfg: Config, latest: dict, current: str, where: str) -> None:
     """The data a checkpoint was trained on, by checksum: a data set replaced
     under the same data.uri is another problem, which the config cannot show."""
     stored = latest.get("data_checksum")
     if stored is not None and stored != current:
         raise ConfigError(
-            f"data: the checkpoint at {cfg.checkpoint.uri} was trained on other data than "
+            f"data: the checkpoint at {where} was trained on other data than "
             f"{cfg.data.uri or cfg.data.source} holds now (checksum {stored} -> {current}); its state would mean "
             f"something else here. Use another checkpoint.uri, or checkpoint.resume=never to start over.")
 
