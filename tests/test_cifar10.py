@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import socket
 import struct
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -281,35 +279,6 @@ def test_directory_without_batches(tmp_path):
 
 
 # --- downloads -----------------------------------------------------------------
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A local HTTP server: put bytes in .files[path]; .requests counts GETs."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            httpd.requests += 1
-            body = httpd.files.get(self.path)
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests = {}, 0
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import boto3
@@ -26,7 +25,7 @@ import yaml
 
 from conftest import free_port, url_ready, wait_until
 from test_containers import compose_config
-from test_fetch_data import REAL_SMALL, ArchiveServer
+from test_fetch_data import REAL_SMALL
 from test_serve_tfserving import FakeTFServing, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,16 +69,12 @@ def run_dataset(service: dict, env: dict, origin: str, md5: str, workdir: Path) 
 
 
 @pytest.fixture
-def origin():
+def origin(server):
     """The canonical archive's host, here: serves the real 500-image slice and counts requests."""
-    httpd = ArchiveServer()
-    httpd.files["/cifar-10-binary.tar.gz"] = REAL_SMALL.read_bytes()
-    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
-    httpd.archive = httpd.url + "/cifar-10-binary.tar.gz"
-    httpd.md5 = hashlib.md5(REAL_SMALL.read_bytes()).hexdigest()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    server.files["/cifar-10-binary.tar.gz"] = REAL_SMALL.read_bytes()
+    server.archive = server.url + "/cifar-10-binary.tar.gz"
+    server.md5 = hashlib.md5(REAL_SMALL.read_bytes()).hexdigest()
+    return server
 
 
 @pytest.mark.timeout(600)
