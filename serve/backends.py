@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve import models
+from serve import metrics, models
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -61,6 +61,7 @@ class InProcess:
                 self.refresh()
             except Exception as exc:  # a bad version or a storage hiccup must not kill the watcher
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                metrics.MODEL_REFRESH_FAILURES.inc()
                 log.warning("model refresh failed: %s", self.last_error)
             if self._stop.wait(self.settings.poll_seconds):
                 return

@@ -1,5 +1,5 @@
 """Prometheus metrics: requests and latency per route and status, batch
-sizes, the model version served.
+sizes, the model version served, failed attempts to load a newer one.
 
 Under gunicorn with several workers, `cifar-serve` points
 PROMETHEUS_MULTIPROC_DIR at a fresh folder before forking them, and
@@ -16,6 +16,10 @@ LATENCY = Histogram("cifar_serve_request_seconds", "HTTP request latency", ["rou
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 BATCH_SIZE = Histogram("cifar_serve_batch_size", "images per model call",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+# A version refused (damaged on storage, failing to load) or storage not answering: the
+# previous version keeps serving, so nothing else shows it.
+MODEL_REFRESH_FAILURES = Counter("cifar_serve_model_refresh_failures_total",
+                                 "failed attempts to find or load a newer model version")
 MODEL_VERSION = Gauge("cifar_serve_model_version", "the model version last used to answer",
                       multiprocess_mode="livemostrecent")
 

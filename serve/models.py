@@ -3,19 +3,27 @@
 
 The job publishes a version whole: a local version directory appears by
 rename; an S3 version counts once its `_COMPLETE` marker exists. Anything
-else under the base (staging, half-uploaded versions) is ignored. This reads
-the job's layout without importing the job: the two ship as separate images.
+else under the base (staging, half-uploaded versions) is ignored. The marker
+is a manifest, `{relative path: SHA-256}`: a download fetches exactly those
+files and checks each, so an object replaced or damaged after publishing is
+refused rather than served. This reads the job's layout without importing
+the job: the two ship as separate images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 MARKER = "_COMPLETE"
+
+
+class VersionError(Exception):
+    """A published version whose objects disagree with its manifest: not to be served."""
 
 
 def versions(base: str) -> list[int]:
@@ -47,18 +55,55 @@ def local_path(base: str, version: int, cache_dir: str) -> Path:
         return dest
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".download-"))
-    client = _s3()
-    version_prefix = f"{prefix}/{version}/"
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=version_prefix):
-        for obj in page.get("Contents", []):
-            target = tmp / obj["Key"][len(version_prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
+    try:
+        _download(bucket, f"{prefix}/{version}", tmp)
+    except BaseException:
+        # Only a checked copy may reach `dest`, which later loads trust without looking.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, dest)
     except OSError:  # another worker downloaded it first
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _download(bucket: str, version_prefix: str, into: Path) -> None:
+    """Fetch the files `version_prefix`'s manifest lists into `into`, checking each one's SHA-256."""
+    from botocore.exceptions import ClientError
+
+    client = _s3()
+    where = f"s3://{bucket}/{version_prefix}"
+    body = client.get_object(Bucket=bucket, Key=f"{version_prefix}/{MARKER}")["Body"].read()
+    try:
+        manifest = json.loads(body)
+        if not isinstance(manifest, dict) or not all(isinstance(d, str) for d in manifest.values()):
+            raise ValueError
+    except ValueError:
+        raise VersionError(f"{where}/{MARKER} is not a manifest of {{file: SHA-256}}") from None
+    for rel, digest in manifest.items():
+        if {"", ".", ".."} & set(rel.split("/")):
+            # A path like "../x" would write outside the download folder.
+            raise VersionError(f"{where}/{MARKER} lists {rel!r}, which is not a file inside the version")
+        target = into / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            client.download_file(bucket, f"{version_prefix}/{rel}", str(target))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                raise
+            raise VersionError(f"{where}/{rel} is listed in its {MARKER} manifest but missing") from None
+        if _sha256(target) != digest:
+            raise VersionError(f"{where}/{rel} is corrupt: its SHA-256 differs from the one its "
+                               f"{MARKER} manifest recorded when it was published")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -79,5 +124,7 @@ def _s3():
     settings = (custom, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
     if settings not in _clients:
         _clients[settings] = boto3.client("s3", config=Config(
-            retries={"mode": "standard"}, s3={"addressing_style": "path" if custom else "auto"}))
+            retries={"mode": "standard"}, s3={"addressing_style": "path" if custom else "auto"},
+            # Without these a stalled endpoint hangs the watcher (or the sync sidecar) for good.
+            connect_timeout=5, read_timeout=30))
     return _clients[settings]
