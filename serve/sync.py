@@ -22,16 +22,27 @@ log = logging.getLogger("serve.sync")
 
 
 def sync_once(source: str, dest: Path) -> list[int]:
-    """Copy the versions under `source` that `dest` lacks; returns those copied."""
+    """Copy the versions under `source` that `dest` lacks; returns those copied.
+
+    A damaged version is refused (models.VersionError, after the others are
+    copied): TF Serving keeps the versions it has, and one bad version does
+    not hold back the newer ones.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     have = {int(p.name) for p in dest.iterdir() if p.name.isdigit()}
-    copied = []
+    copied, refused = [], []
     for version in models.versions(source):
         if version in have:
             continue
         staging = dest / f".sync-{version}"
         shutil.rmtree(staging, ignore_errors=True)
-        downloaded = models.local_path(source, version, str(staging))
+        try:
+            downloaded = models.local_path(source, version, str(staging))
+        except models.VersionError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.error("refused version %d of %s: %s", version, source, exc)
+            refused.append(str(exc))
+            continue
         if Path(downloaded).resolve() == (Path(source) / str(version)).resolve():
             shutil.copytree(downloaded, staging / "v")  # a local source: copy, never move, the original
             downloaded = staging / "v"
@@ -39,6 +50,8 @@ def sync_once(source: str, dest: Path) -> list[int]:
         shutil.rmtree(staging, ignore_errors=True)
         log.info("synced version %d of %s into %s", version, source, dest)
         copied.append(version)
+    if refused:
+        raise models.VersionError("; ".join(refused))
     return copied
 
 

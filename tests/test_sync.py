@@ -33,3 +33,19 @@ def test_s3_versions_without_their_marker_are_left_alone(s3, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in dest.iterdir()) == ["1"]
     assert (dest / "1" / "variables").is_dir()
+
+
+def test_a_damaged_s3_version_is_refused_by_name_and_newer_ones_still_sync(s3, tmp_path):
+    from test_serve_s3 import DATA, republish
+
+    export.export(model.build("simple_cnn"), f"s3://{s3}/src", "cifar10", {}, PIXELS)
+    republish(s3, "src/cifar10/1", "models/cifar10/1")
+    republish(s3, "src/cifar10/1", "models/cifar10/2", damage={DATA: b"other bytes"})
+    republish(s3, "src/cifar10/1", "models/cifar10/3")
+    dest = tmp_path / "models" / "cifar10"
+    done = subprocess.run([sys.executable, "-m", "serve", "sync", "--from", f"s3://{s3}/models/cifar10",
+                           "--to", str(dest), "--once"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4 and f"s3://{s3}/models/cifar10/2/{DATA} is corrupt" in done.stderr
+    # TF Serving sees only whole, checked versions; nothing of 2 is left half-way.
+    assert sorted(p.name for p in dest.iterdir()) == ["1", "3"]
+    assert (dest / "3" / DATA).is_file()
