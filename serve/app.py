@@ -28,7 +28,7 @@ from serve.settings import Settings
 log = logging.getLogger("serve")
 
 # Routes that run the model; health, metrics and docs stay open.
-PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict")
+PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict", "/invocations")
 
 
 class ModelName(BaseConverter):
@@ -66,9 +66,9 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     if settings.cors_origins:
         CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
 
-    from serve.routes import health, pages, tfserving_rest, upload, v2
+    from serve.routes import health, pages, sagemaker, tfserving_rest, upload, v2
 
-    for blueprint in (health, tfserving_rest, v2, upload, pages):
+    for blueprint in (health, tfserving_rest, v2, upload, sagemaker, pages):
         app.register_blueprint(blueprint)
 
     @app.before_request

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sync"]:
         return sync_main(argv[1:])
+    if argv[:1] == ["serve"]:  # how SageMaker starts an inference container: `docker run IMAGE serve`
+        argv = argv[1:]
     parser = argparse.ArgumentParser(prog="cifar-serve", description="Serve the exported CIFAR-10 model over HTTP.",
                                      epilog="`cifar-serve sync --help`: mirror versions for TF Serving.")
     parser.add_argument("--model-uri", help="<export.uri>/<model_name>, local or s3:// (env SERVE_MODEL_URI)")

@@ -1,5 +1,6 @@
 """The routes, as blueprints: health, TF Serving REST (v1), Open Inference
-Protocol v2, image upload, and the page, metrics and OpenAPI document."""
+Protocol v2, image upload, SageMaker's endpoint, and the page, metrics and
+OpenAPI document."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ health = Blueprint("health", __name__)
 tfserving_rest = Blueprint("tfserving_rest", __name__)
 v2 = Blueprint("v2", __name__)
 upload = Blueprint("upload", __name__)
+sagemaker = Blueprint("sagemaker", __name__)
 pages = Blueprint("pages", __name__, static_folder="static")
 
 
@@ -64,6 +66,7 @@ def healthz():
 
 
 @health.get("/readyz")
+@health.get("/ping")  # SageMaker's health check, which reads only the status
 def readyz():
     loaded = _loaded()
     if loaded is None:
@@ -237,6 +240,22 @@ def predict_upload():
     order = np.argsort(-probabilities[0])[:5]
     top = [{"label": loaded.labels[i], "class_id": int(i), "probability": float(probabilities[0][i])} for i in order]
     return jsonify(model_version=loaded.version, predictions=top)
+
+
+# --- SageMaker -----------------------------------------------------------------------
+
+UPLOAD_TYPES = ("image/png", "image/jpeg", "multipart/form-data")
+
+
+@sagemaker.post("/invocations")
+def invocations():
+    # SageMaker has one inference route; the Content-Type says which of ours the body is for.
+    if request.mimetype == "application/json":
+        return v1_predict(current_app.extensions["settings"].name)
+    if request.mimetype in UPLOAD_TYPES:
+        return predict_upload()
+    return jsonify(error=f"unsupported Content-Type {request.mimetype or '(none)'!r}; send application/json "
+                         "(TF Serving's predict body), image/png or image/jpeg"), 415
 
 
 # --- page, metrics, OpenAPI -------------------------------------------------------

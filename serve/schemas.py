@@ -124,6 +124,16 @@ def openapi(model_name: str) -> dict:
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
                     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"200": answer("UploadResponse"), **errors}}},
+            "/ping": {"get": {"summary": "SageMaker's health check: a model is loaded",
+                              "responses": {"200": answer("Health"), "503": answer("Health", "not ready")}}},
+            "/invocations": {"post": {
+                "summary": "SageMaker inference: a TF Serving predict body, or an image as /predict takes",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": ref("PredictRequest")},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": {"description": "as the TF Serving predict route (JSON) or /predict (images)"},
+                              **errors, "415": answer("Error", "unsupported Content-Type")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},
         },
         "components": {"schemas": schemas},

@@ -4,17 +4,38 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from serve import models
+
+# Where SageMaker unpacks an endpoint's model.tar.gz; a job trained on
+# SageMaker exported into the same path (SM_MODEL_DIR), so the archive holds
+# `<model_name>/<version>/`. An archive packed by hand may hold bare `<version>/`.
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+
+
+def _sagemaker_model_uri() -> str | None:
+    """The model base inside SageMaker's model directory, when there is one."""
+    root = SAGEMAKER_MODEL_DIR
+    if not root.is_dir():
+        return None
+    named = [p for p in sorted(root.iterdir()) if models.versions(str(p))]
+    if len(named) == 1 and not models.versions(str(root)):
+        return str(named[0])
+    # Bare versions, or nothing servable yet: the service starts and /ping says 503 until there is.
+    return str(root)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVE_", extra="forbid", frozen=True)
 
     # <export.uri>/<model_name>, local or s3://: the highest complete version is served.
-    model_uri: str | None = None
+    # Unset: SageMaker's model directory, when the service runs there.
+    model_uri: str | None = Field(default_factory=_sagemaker_model_uri)
     model_name: str | None = None  # defaults to the last part of model_uri
     backend: Literal["inprocess", "tfserving"] = "inprocess"
     tfserving_address: str = "localhost:8500"
