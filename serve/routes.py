@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
-from flask import Blueprint, Response, abort, current_app, jsonify, request, send_from_directory
+from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
@@ -262,7 +263,10 @@ def invocations():
 
 @pages.get("/")
 def index():
-    return send_from_directory(pages.static_folder, "index.html")
+    page = (Path(pages.static_folder) / "index.html").read_text()
+    if current_app.extensions["settings"].api_keys:
+        page = page.replace("<body>", "<body data-api-key-required>", 1)
+    return Response(page, content_type="text/html; charset=utf-8")
 
 
 @pages.get("/metrics")

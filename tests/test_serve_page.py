@@ -63,15 +63,14 @@ def version_dir(tmp_path_factory):
     return Path(uri)
 
 
-@pytest.fixture(scope="module")
-def server(browser, version_dir):
+def serving(version_dir: Path, **settings):
     """The service on 127.0.0.1 (a free port), served for real by werkzeug; yields its base URL."""
     from werkzeug.serving import make_server
 
     from serve.app import create_app
     from serve.settings import Settings
 
-    app = create_app(Settings(model_uri=str(version_dir.parent), poll_seconds=0.2))
+    app = create_app(Settings(model_uri=str(version_dir.parent), poll_seconds=0.2, **settings))
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, name="serve-page-test", daemon=True)
     thread.start()
@@ -92,6 +91,20 @@ def server(browser, version_dir):
     app.extensions["predictor"].backend.close()
 
 
+@pytest.fixture(scope="module")
+def server(browser, version_dir):
+    yield from serving(version_dir)
+
+
+KEY = "page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(browser, version_dir):
+    """The same service with SERVE_API_KEYS on."""
+    yield from serving(version_dir, api_keys=[KEY])
+
+
 @pytest.fixture
 def page(browser, server):
     """The page, freshly loaded."""
@@ -100,10 +113,14 @@ def page(browser, server):
     return browser
 
 
-def post_image(url: str, data: bytes) -> dict:
-    request = urllib.request.Request(f"{url}/predict", data=data, headers={"Content-Type": "image/png"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+def post_image(url: str, data: bytes, key: str | None = None) -> dict:
+    headers = {"Content-Type": "image/png", **({"X-API-Key": key} if key else {})}
+    request = urllib.request.Request(f"{url}/predict", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:  # a 4xx's body is the server's {"error": ...}
+        return json.load(exc)
 
 
 def savedmodel_label(version_dir: Path, image_path: Path) -> str:
@@ -305,3 +322,50 @@ def test_the_built_package_carries_the_page_and_its_sample_photos(tmp_path):
         assert not missing, f"not in the wheel (pyproject.toml [tool.setuptools.package-data]): {missing}"
         for path in expected:
             assert archive.read(path) == (ROOT / path).read_bytes()
+
+
+def test_without_api_keys_the_page_asks_for_no_key(page):
+    from selenium.webdriver.common.by import By
+
+    assert not page.find_element(By.ID, "key-row").is_displayed()
+
+
+def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(browser, keyed_server, version_dir):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{keyed_server}/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    row, field = browser.find_element(By.ID, "key-row"), browser.find_element(By.ID, "api-key")
+    # Before any prediction has failed, the page says a key is needed.
+    assert row.is_displayed() and "needs an API key" in row.text and field.get_attribute("value") == ""
+    cat = (SAMPLES / "cat.png").read_bytes()
+
+    # Keys turned on after the page was loaded: the 401 itself brings the field back, ready to type in.
+    browser.execute_script("arguments[0].hidden = true", row)
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="cat"]').click()
+    assert wait_for_text(browser, "error") == post_image(keyed_server, cat)["error"]
+    assert row.is_displayed() and browser.switch_to.active_element == field
+
+    field.send_keys("not-the-key")
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="cat"]').click()
+    refused = post_image(keyed_server, cat, key="not-the-key")
+    assert wait_for_text(browser, "error") == refused["error"] and "API key" in refused["error"]
+    assert browser.find_element(By.ID, "label").text == ""
+
+    field.clear()
+    field.send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="cat"]').click()
+    shown = wait_for_text(browser, "label")
+    assert shown == post_image(keyed_server, cat, key=KEY)["predictions"][0]["label"]
+    assert shown == savedmodel_label(version_dir, SAMPLES / "cat.png")
+    assert browser.find_element(By.ID, "error").text == ""
+
+    # Kept for the tab: after a reload the key is still there, and an upload uses it too.
+    browser.refresh()
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == KEY
+    assert browser.execute_script("return sessionStorage.getItem('cifar-serve-api-key')") == KEY
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / "ship.png"))
+    assert wait_for_text(browser, "label") == post_image(keyed_server, (SAMPLES / "ship.png").read_bytes(),
+                                                         key=KEY)["predictions"][0]["label"]
+
