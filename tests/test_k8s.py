@@ -87,3 +87,62 @@ def test_tfjob_restarts_workers_and_every_worker_reads_the_operators_tf_config()
     assert distribute._tf_config({"TF_CONFIG": json.dumps(operator)}) == {
         "cluster": {"worker": hosts}, "task": {"type": "worker", "index": 1}}
     assert container["ports"][0]["containerPort"] == 2222
+
+
+def containers_in(node):
+    """Every container (init containers too) anywhere in a parsed manifest."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers"):
+                yield from value
+            else:
+                yield from containers_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from containers_in(item)
+
+
+def refers_to_s3(command: list, env) -> bool:
+    """Whether a command line, its environment or a config file it names (`--config F`) holds an s3:// URI."""
+    words = [word for part in command for word in str(part).split()]
+    configs = [(ROOT / words[i + 1]).read_text() for i, word in enumerate(words[:-1]) if word == "--config"]
+    return "s3://" in json.dumps([command, env, configs])
+
+
+def test_every_k8s_container_that_reads_s3_reaches_it_as_the_training_job_does():
+    (job,) = docs("train-job.yaml")
+    (train,) = job["spec"]["template"]["spec"]["containers"]
+
+    def s3_env(container):
+        return sorted(json.dumps(e, sort_keys=True) for e in container.get("env", []) if e["name"].startswith("AWS_"))
+
+    expected = s3_env(train)
+    assert {json.loads(e)["name"] for e in expected} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(json.loads(e)["valueFrom"]["secretKeyRef"]["name"] == "cifar-s3" for e in expected)
+    checked = set()
+    for path in sorted((ROOT / "infra" / "k8s").glob("*.yaml")):
+        for container in containers_in(docs(path.name)):
+            if refers_to_s3([*container.get("command", []), *container.get("args", [])], container.get("env")):
+                # One Secret (and endpoint, if one is ever set) for all: a container reaching S3
+                # otherwise than the Job that writes there would never see what it wrote.
+                assert s3_env(container) == expected, (path.name, container["name"])
+                checked.add(container["name"])
+    assert {"train", "dataset", "tensorflow", "model-sync"} <= checked
+
+
+def test_every_compose_service_that_reads_s3_reaches_minio():
+    from urllib.parse import urlparse
+
+    from test_containers import compose_config
+
+    services = compose_config()["services"]
+    minio = services["minio"]["environment"]
+    checked = set()
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        if refers_to_s3([*(service.get("entrypoint") or []), *(service.get("command") or [])], env):
+            assert urlparse(env.get("AWS_ENDPOINT_URL_S3", "")).hostname in services, name
+            assert env.get("AWS_ACCESS_KEY_ID") == minio["MINIO_ROOT_USER"], name
+            assert env.get("AWS_SECRET_ACCESS_KEY") == minio["MINIO_ROOT_PASSWORD"], name
+            checked.add(name)
+    assert {"dataset", "train", "model-sync"} <= checked
