@@ -28,12 +28,17 @@ class ServingModule(tf.Module):
     def __init__(self, model, labels_file: str):
         super().__init__()
         self.model = model
-        self.labels = tf.saved_model.Asset(labels_file)
+        # The labels live inside the SavedModel (as assets/labels.txt, line i naming class i),
+        # so TF Serving answers them too, not only this project's service.
+        self.labels = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+            labels_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+            tf.string, tf.lookup.TextFileIndex.WHOLE_LINE), default_value="")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")])
     def serve(self, images):
-        logits = self.model(images, training=False)
-        return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32))}
+        probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
+        class_id = tf.argmax(probabilities, axis=1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id, "label": self.labels.lookup(class_id)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +37,21 @@ def test_serving_default_takes_uint8_images_and_returns_probabilities(exported):
     sig = tf.saved_model.load(uri).signatures["serving_default"]
     spec = sig.structured_input_signature[1]["images"]
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 32, 32, 3]
-    out = sig.structured_outputs["probabilities"]
-    assert out.dtype == tf.float32 and out.shape.as_list() == [None, 10]
+    outputs = {k: (v.dtype, v.shape.as_list()) for k, v in sig.structured_outputs.items()}
+    assert outputs == {"probabilities": (tf.float32, [None, 10]), "class_id": (tf.int64, [None]),
+                       "label": (tf.string, [None])}
+
+
+def test_both_signatures_answer_the_class_and_its_label_from_the_models_own_labels_file(exported):
+    _, _, _, uri = exported
+    loaded = tf.saved_model.load(uri)
+    assert (Path(uri) / "assets" / "labels.txt").read_text().splitlines() == list(CLASS_NAMES)
+    png = [encoded(img, "PNG") for img in PIXELS]
+    for out in (loaded.signatures["serving_default"](images=tf.constant(PIXELS)),
+                loaded.signatures["predict_image_bytes"](image_bytes=tf.constant(png))):
+        best = np.argmax(out["probabilities"].numpy(), axis=1)
+        np.testing.assert_array_equal(out["class_id"].numpy(), best)
+        assert [v.decode() for v in out["label"].numpy()] == [CLASS_NAMES[i] for i in best]
 
 
 def test_reloaded_model_gives_the_trained_models_outputs(exported):
