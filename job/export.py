@@ -66,7 +66,7 @@ def _warmup_record(model_name: str) -> bytes:
 
 
 def write_saved_model(model, directory: Path, model_name: str, card: dict,
-                      class_names: Sequence[str] = CLASS_NAMES) -> None:
+                      class_names: Sequence[str] = CLASS_NAMES, probe: np.ndarray | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         labels = Path(tmp) / "labels.txt"
         # One name per line: a class folder's name may hold spaces.
@@ -79,6 +79,26 @@ def write_saved_model(model, directory: Path, model_name: str, card: dict,
     with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
         writer.write(_warmup_record(model_name))
     (extra / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    if probe is not None:
+        _write_probe_record(directory, probe)
+
+
+def _write_probe_record(directory: Path, probe: np.ndarray) -> None:
+    """`assets.extra/probe_images.npy` and `probe_outputs.npz`: what the service checks a
+    version against before serving it.
+
+    The outputs are the written SavedModel's own, loaded back, rather than the
+    in-memory model's: the service runs that graph, and the eager model may
+    pick other kernels (see `verify`), which would eat into the service's
+    tolerance for no reason. `verify` separately holds the graph to the model.
+    """
+    outputs = tf.saved_model.load(str(directory)).signatures[SIGNATURE](images=tf.constant(probe, tf.uint8))
+    extra = directory / "assets.extra"
+    np.save(extra / "probe_images.npy", np.asarray(probe, np.uint8))
+    # Strings as unicode arrays: an object array would need pickle to read back.
+    np.savez(extra / "probe_outputs.npz", **{
+        name: np.char.decode(value.numpy().astype(bytes), "utf-8") if value.dtype == tf.string else value.numpy()
+        for name, value in outputs.items()})
 
 
 def verify(model, directory: Path, probe: np.ndarray) -> None:
@@ -100,7 +120,7 @@ def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarra
     base = storage.join(export_uri, model_name)
     backend = storage.backend(export_uri)
     staged = backend.staging(base)
-    write_saved_model(model, staged, model_name, card, class_names)
+    write_saved_model(model, staged, model_name, card, class_names, probe)
     verify(model, staged, probe)
     version = 1 + max((int(n) for n in backend.published(base) if n.isdigit()), default=0)
     while True:
