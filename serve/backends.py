@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve import metrics, models
+from serve import checks, metrics, models
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -51,6 +51,10 @@ class InProcess:
         self.settings = settings
         self.current: Loaded | None = None
         self.last_error: str | None = None
+        # Why nothing is served yet, for /readyz: a pinned version not there yet, refused versions.
+        self.waiting_for: str | None = None
+        # version -> models.fingerprint of the files refused: refused (and logged) once, not at every poll.
+        self._refused: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
         self._thread.start()
@@ -68,10 +72,32 @@ class InProcess:
 
     def refresh(self) -> None:
         found = models.versions(self.base)
-        if not found or (self.current and self.current.version >= found[-1]):
+        pin = self.settings.model_version
+        if pin is not None:
+            if pin not in found:
+                self.waiting_for = f"version {pin} (SERVE_MODEL_VERSION) is not under {self.base} yet"
+                return
+            found = [pin]
+        # The newest version that passes its checks; a refused one leaves the one before it serving.
+        for version in reversed(found):
+            if self.current and self.current.version >= version:
+                return
+            stamp = models.fingerprint(self.base, version)
+            if self._refused.get(version) == stamp:
+                continue
+            try:
+                loaded = self._load(version)
+            except checks.Refused as exc:
+                self._refused[version] = stamp
+                metrics.MODEL_VERSIONS_REFUSED.labels(exc.reason).inc()
+                self.waiting_for = f"version {version} refused: {exc}"
+                log.error("refused %s version %d (%s): %s", self.name, version, exc.reason, exc)
+                continue
+            self._swap(loaded)
             return
-        version = found[-1]
-        self.current = self._load(version)
+
+    def _swap(self, loaded: Loaded) -> None:
+        self.current = loaded
         # TensorFlow and a loaded model leave ~340k objects for the garbage
         # collector to walk in every full collection (100+ ms holding the
         # GIL, stalling every request thread). They live as long as the
@@ -79,8 +105,8 @@ class InProcess:
         # docs/benchmarks.md (Serving).
         gc.collect()
         gc.freeze()
-        self.last_error = None
-        log.info("serving %s version %d", self.name, version)
+        self.last_error = self.waiting_for = None
+        log.info("serving %s version %d", self.name, loaded.version)
 
     def _load(self, version: int) -> Loaded:
         import tensorflow as tf
@@ -88,6 +114,9 @@ class InProcess:
         path = models.local_path(self.base, version, self.settings.cache_dir)
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
+        if not checks.check(path, signature, self.settings.min_accuracy):
+            log.warning("%s version %d has no probe record (exported before the job wrote one): "
+                        "served unchecked", self.name, version)
         labels_file = path / "assets" / "labels.txt"
         # One name per line, as the job writes them: a name may hold spaces ("red square").
         labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES

@@ -44,6 +44,17 @@ def versions(base: str) -> list[int]:
                   if p.name.isdigit() and (p / "saved_model.pb").is_file())
 
 
+def fingerprint(base: str, version: int) -> str:
+    """Changes when `version`'s files are replaced: a version refused once is
+    checked again only then."""
+    if base.startswith("s3://"):
+        bucket, prefix = _split(base)
+        return _s3().head_object(Bucket=bucket, Key=f"{prefix}/{version}/{MARKER}")["ETag"]
+    root = Path(base) / str(version)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
+
+
 def local_path(base: str, version: int, cache_dir: str) -> Path:
     """A local directory holding `version` (downloaded once, for S3)."""
     if not base.startswith("s3://"):

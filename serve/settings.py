@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     cors_origins: Annotated[list[str], NoDecode] = []
     cache_dir: str = "/tmp/cifar-serve-models"
+    # Rollouts. Both are read at start: changing them means a restart.
+    # Serve exactly this version (not newer ones); until it exists the service is not ready.
+    model_version: int | None = Field(None, ge=0)
+    # A version whose model card's test_accuracy is lower (or missing) is refused, here and by the sync.
+    min_accuracy: float | None = Field(None, ge=0, le=1)
     # TensorFlow's own start-up lines (CUDA probes, oneDNN notices) in the log.
     debug: bool = False
 

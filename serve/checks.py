@@ -1,0 +1,83 @@
+"""The checks a new version passes before it is served (in process) or
+mirrored for TF Serving (`cifar-serve sync`): its answers on the probe batch
+the job recorded in `assets.extra/`, and the test accuracy on its model card.
+
+The probe record is the job's `probe_images.npy` (uint8 [N,32,32,3]) and
+`probe_outputs.npz` (one array per `serving_default` output), read here
+without importing the job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from serve import models
+
+PROBE_IMAGES = "probe_images.npy"
+PROBE_OUTPUTS = "probe_outputs.npz"
+# The record is the same SavedModel graph's own output, so what remains is
+# another machine's kernels (CPU vs GPU, oneDNN's AVX-512 vs AMX): float32
+# probabilities stay well within this (job/export.py measured 3.4e-5 even
+# between float16 eager and graph runs). A wrong model, wrong weights or
+# wrong preprocessing moves them by far more than 1e-4.
+PROBE_ATOL = 1e-4
+
+
+class Refused(models.VersionError):
+    """A version that must not be served; `reason` labels the refusal metric."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check(path: Path, signature, min_accuracy: float | None = None) -> bool:
+    """Raise Refused if the version at `path` (its `serving_default`
+    `signature` loaded) fails a check; return False if it has no probe record
+    to check (exported before the job wrote one), True if it passed."""
+    extra = Path(path) / "assets.extra"
+    if min_accuracy is not None:
+        accuracy = _card_accuracy(extra / "model_card.json")
+        if accuracy is None or not accuracy >= min_accuracy:
+            raise Refused(f"its model card's test_accuracy is {accuracy}, below SERVE_MIN_ACCURACY="
+                          f"{min_accuracy:g}", "accuracy")
+    if not (extra / PROBE_IMAGES).is_file():
+        return False
+    import tensorflow as tf
+
+    images = np.load(extra / PROBE_IMAGES, allow_pickle=False)
+    with np.load(extra / PROBE_OUTPUTS, allow_pickle=False) as record:
+        expected = dict(record)
+    got = signature(images=tf.constant(images, tf.uint8))
+    for name in sorted(set(expected) | set(got)):
+        if name not in got or name not in expected:
+            raise Refused(f"output {name!r} is in only one of the probe record and the signature", "probe")
+        value = got[name].numpy()
+        if value.dtype == object:  # strings come back as bytes; the record holds unicode
+            value = np.char.decode(value.astype(bytes), "utf-8")
+        want = expected[name]
+        if value.shape != want.shape:
+            raise Refused(f"output {name!r} has shape {value.shape} on the probe batch; "
+                          f"the record says {want.shape}", "probe")
+        if want.dtype.kind in "US":
+            differ = int((value != want).sum())
+            if differ:
+                raise Refused(f"output {name!r} differs from the probe record on {differ} of "
+                              f"{len(images)} images", "probe")
+        else:
+            gap = float(np.abs(value.astype(np.float64) - want.astype(np.float64)).max(initial=0.0))
+            if not gap <= PROBE_ATOL:
+                raise Refused(f"output {name!r} differs from the probe record by up to {gap:.3g} "
+                              f"(allowed {PROBE_ATOL:g})", "probe")
+    return True
+
+
+def _card_accuracy(card: Path) -> float | None:
+    try:
+        value = json.loads(card.read_text())["test_accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
