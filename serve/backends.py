@@ -50,6 +50,7 @@ class InProcess:
         self.name = settings.name
         self.settings = settings
         self.current: Loaded | None = None
+        self.previous: Loaded | None = None  # with SERVE_KEEP_PREVIOUS
         self.last_error: str | None = None
         # Why nothing is served yet, for /readyz: a pinned version not there yet, refused versions.
         self.waiting_for: str | None = None
@@ -78,6 +79,11 @@ class InProcess:
                 self.waiting_for = f"version {pin} (SERVE_MODEL_VERSION) is not under {self.base} yet"
                 return
             found = [pin]
+        if self.current and self.previous and self.current.version not in found and self.previous.version in found:
+            log.warning("%s version %d was withdrawn: back to version %d", self.name, self.current.version,
+                        self.previous.version)
+            self.current, self.previous = self.previous, None
+            return
         # The newest version that passes its checks; a refused one leaves the one before it serving.
         for version in reversed(found):
             if self.current and self.current.version >= version:
@@ -97,6 +103,8 @@ class InProcess:
             return
 
     def _swap(self, loaded: Loaded) -> None:
+        if self.settings.keep_previous:
+            self.previous = self.current
         self.current = loaded
         # TensorFlow and a loaded model leave ~340k objects for the garbage
         # collector to walk in every full collection (100+ ms holding the

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     model_version: int | None = Field(None, ge=0)
     # A version whose model card's test_accuracy is lower (or missing) is refused, here and by the sync.
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    # Keep the version served before the current one loaded (twice the memory), so that
+    # withdrawing the current one from the model base rolls back without a load.
+    keep_previous: bool = False
     # TensorFlow's own start-up lines (CUDA probes, oneDNN notices) in the log.
     debug: bool = False
 

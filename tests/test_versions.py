@@ -5,6 +5,7 @@ mirrors only the versions the service would serve."""
 
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -128,3 +129,17 @@ def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_pat
     with pytest.raises(models.VersionError, match="version|probe record"):
         sync_once(str(base), dest, min_accuracy=0.8)
     assert sorted(p.name for p in dest.iterdir()) == ["1", "4"]
+
+
+def test_withdrawing_the_served_version_rolls_back_to_the_warm_previous_one(tmp_path, net):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    client = client_for(base, keep_previous=True)
+    backend = APPS[-1].extensions["predictor"].backend
+    wait_until(lambda: client.get("/readyz").status_code == 200)
+    first = backend.current
+    publish(base, net)
+    wait_until(lambda: client.get("/readyz").json["version"] == 2)
+    shutil.rmtree(base / "2")
+    wait_until(lambda: client.get("/readyz").json["version"] == 1)
+    assert backend.current is first  # the same loaded model: nothing was loaded again
