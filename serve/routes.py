@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ v2 = Blueprint("v2", __name__)
 upload = Blueprint("upload", __name__)
 sagemaker = Blueprint("sagemaker", __name__)
 pages = Blueprint("pages", __name__, static_folder="static")
+SERVER_VERSION = package_version("cifar10-pipeline")
 
 
 def _predictor():
@@ -77,56 +79,104 @@ def readyz():
 
 # --- TF Serving REST ----------------------------------------------------------
 
-def _loaded_or_404(name: str):
+# The export's serving_default signature (job/export.py), outputs in name order, as TF Serving
+# writes an answer's outputs: (name, TF dtype, v2 datatype, shape).
+INPUT = "images"
+OUTPUTS = (("class_id", "DT_INT64", "INT64", [-1]), ("label", "DT_STRING", "BYTES", [-1]),
+           ("probabilities", "DT_FLOAT", "FP32", [-1, 10]))
+
+
+def _outputs(probabilities: np.ndarray, loaded) -> dict[str, np.ndarray]:
+    """The signature's outputs for a batch: the class and its label are the model's own argmax and
+    labels.txt line, as the SavedModel computes them (tf.argmax, like np.argmax, takes the first maximum)."""
+    class_id = np.argmax(probabilities, axis=1).astype(np.int64)
+    return {"class_id": class_id, "label": np.array([loaded.labels[i] for i in class_id], dtype=object),
+            "probabilities": np.ascontiguousarray(probabilities, dtype=np.float32)}
+
+
+def _loaded_or_404(name: str, version: int | None = None, label: str | None = None):
     _check_name(name)
     loaded = _loaded()
+    # TF Serving's own messages: a version it does not serve, and a label it does not know
+    # (no version labels are configured here).
+    if label is not None:
+        abort(404, f"Unrecognized servable version label: {label}")
     if loaded is None:
         abort(404, f"model {name!r} has no version loaded yet")
+    if version is not None and version != loaded.version:
+        abort(404, f"Servable not found for request: Specific({name}, {version})")
     return loaded
 
 
-@tfserving_rest.get("/v1/models/<model:name>")
-def v1_status(name):
-    loaded = _loaded_or_404(name)
+V1 = ["/v1/models/<model:name>", "/v1/models/<model:name>/versions/<int:version>",
+      "/v1/models/<model:name>/labels/<model:label>"]
+
+
+def _v1_routes(method, suffix=""):
+    def register(view):
+        for i, rule in enumerate(V1):
+            getattr(tfserving_rest, method)(rule + suffix, endpoint=f"{view.__name__}_{i}")(view)
+        return view
+    return register
+
+
+@_v1_routes("get")
+def v1_status(name, version=None, label=None):
+    loaded = _loaded_or_404(name, version, label)
     return jsonify(model_version_status=[{"version": str(loaded.version), "state": "AVAILABLE",
                                           "status": {"error_code": "OK", "error_message": ""}}])
 
 
-@tfserving_rest.get("/v1/models/<model:name>/metadata")
-def v1_metadata(name):
-    loaded = _loaded_or_404(name)
+@_v1_routes("get", "/metadata")
+def v1_metadata(name, version=None, label=None):
+    loaded = _loaded_or_404(name, version, label)
 
-    def tensor(dtype, dims):
+    def tensor(tensor_name, dtype, dims):
         return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
-                                                 "unknown_rank": False}}
+                                                 "unknown_rank": False}, "name": tensor_name}
 
-    signature = {"inputs": {"images": {"name": "serving_default_images:0", **tensor("DT_UINT8", [-1, 32, 32, 3])}},
-                 "outputs": {"probabilities": {"name": "StatefulPartitionedCall:0",
-                                               **tensor("DT_FLOAT", [-1, 10])}},
+    signature = {"inputs": {INPUT: tensor("serving_default_images:0", "DT_UINT8", [-1, 32, 32, 3])},
+                 "outputs": {out: tensor(f"StatefulPartitionedCall:{i}", dtype, shape)
+                             for i, (out, dtype, _, shape) in enumerate(OUTPUTS)},
                  "method_name": "tensorflow/serving/predict"}
     return jsonify(model_spec={"name": name, "signature_name": "", "version": str(loaded.version)},
                    metadata={"signature_def": {"signature_def": {"serving_default": signature},
                                                "labels": list(loaded.labels)}})
 
 
-@tfserving_rest.post("/v1/models/<model:name>:predict")
-def v1_predict(name):
-    _check_name(name)
+@_v1_routes("post", ":predict")
+def v1_predict(name, version=None, label=None):
+    if version is None and label is None:
+        _check_name(name)  # nothing loaded yet is the backend's 503, as for any predict
+    else:
+        _loaded_or_404(name, version, label)
     body = _body(schemas.PredictRequest)
     if body.signature_name not in (None, "serving_default"):
         raise BadInput(f"unknown signature_name {body.signature_name!r}; use serving_default")
-    batch = np.stack([images.instance(x, f"instances[{i}]") for i, x in enumerate(body.instances)])
-    del body  # thousands of small lists: not kept alive while the request waits for its batch
-    probabilities, loaded = _predictor().predict(batch)
-    predictions = [{"label": loaded.labels[int(np.argmax(p))], "class_id": int(np.argmax(p)),
-                    "probabilities": [float(v) for v in p]} for p in probabilities]
-    return jsonify(predictions=predictions), 200, {"X-Model-Version": str(loaded.version)}
+    if body.instances is not None:
+        where, values = "instances", body.instances
+    elif isinstance(body.inputs, dict):
+        if set(body.inputs) != {INPUT}:
+            raise BadInput(f"inputs: expected exactly one input, named {INPUT!r}")
+        where, values = f"inputs.{INPUT}", body.inputs[INPUT]
+    else:
+        where, values = "inputs", body.inputs
+    if not isinstance(values, list) or not values:
+        raise BadInput(f"{where}: must be a non-empty list of images")
+    batch = np.stack([images.instance(x, f"{where}[{i}]") for i, x in enumerate(values)])
+    columnar = body.instances is None
+    del body, values  # thousands of small lists: not kept alive while the request waits for its batch
+    probabilities, served = _predictor().predict(batch)
+    if version is not None and served.version != version:  # swapped while this request waited
+        abort(404, f"Servable not found for request: Specific({name}, {version})")
+    outputs = {k: v.tolist() for k, v in _outputs(probabilities, served).items()}
+    if columnar:
+        return jsonify(outputs=outputs), 200, {"X-Model-Version": str(served.version)}
+    predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(batch))]
+    return jsonify(predictions=predictions), 200, {"X-Model-Version": str(served.version)}
 
 
 # --- Open Inference Protocol v2 -------------------------------------------------
-
-INPUT, OUTPUT = "images", "probabilities"
-
 
 @v2.get("/v2/health/live")
 def v2_live():
@@ -139,28 +189,47 @@ def v2_ready():
     return jsonify(ready=ready), 200 if ready else 503
 
 
+@v2.get("/v2")
+def v2_server():
+    return jsonify(name="cifar10-pipeline", version=SERVER_VERSION, extensions=["binary_tensor_data"])
+
+
+def _v2_loaded(name: str, version: str | None):
+    """The model as loaded, or a 404 when a version is asked for that is not the one loaded."""
+    _check_name(name)
+    loaded = _loaded()
+    if version is not None and (loaded is None or version != str(loaded.version)):
+        abort(404, f"model {name!r} version {version} is not loaded")
+    return loaded
+
+
 @v2.get("/v2/models/<model:name>")
 @v2.get("/v2/models/<model:name>/versions/<version>")
 def v2_metadata(name, version=None):
-    _check_name(name)
-    loaded = _loaded()
+    loaded = _v2_loaded(name, version)
     return jsonify(name=name, versions=[str(loaded.version)] if loaded else [], platform="tensorflow_savedmodel",
                    inputs=[{"name": INPUT, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
-                   outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, 10]}])
+                   outputs=[{"name": out, "datatype": datatype, "shape": shape}
+                            for out, _, datatype, shape in OUTPUTS])
 
 
 @v2.get("/v2/models/<model:name>/ready")
 @v2.get("/v2/models/<model:name>/versions/<version>/ready")
 def v2_model_ready(name, version=None):
-    _check_name(name)
-    ready = _loaded() is not None
+    ready = _v2_loaded(name, version) is not None
     return jsonify(name=name, ready=ready), 200 if ready else 503
+
+
+def _binary(values: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":  # the extension's layout: each element's length (uint32 LE), then its bytes
+        return b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in values))
+    return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 
 @v2.post("/v2/models/<model:name>/infer")
 @v2.post("/v2/models/<model:name>/versions/<version>/infer")
 def v2_infer(name, version=None):
-    _check_name(name)
+    _v2_loaded(name, version)
     header_length = request.headers.get("Inference-Header-Content-Length")
     raw = request.get_data()
     # The binary tensor extension: a JSON header, then the tensors' raw bytes.
@@ -208,17 +277,31 @@ def v2_infer(name, version=None):
             raise BadInput(f"input {INPUT!r}: UINT8 values are whole numbers from 0 to 255")
         batch = values.astype(np.uint8).reshape(shape)
     probabilities, loaded = _predictor().predict(batch)
-    probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
-    wants_binary = any((o.parameters or {}).get("binary_data") for o in body.outputs or [])
-    out = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
-    answer = {"model_name": name, "model_version": str(loaded.version), "outputs": [out]}
+    if version is not None and version != str(loaded.version):  # swapped while this request waited
+        abort(404, f"model {name!r} version {version} is not loaded")
+    outputs = _outputs(probabilities, loaded)
+    datatypes = {out: datatype for out, _, datatype, _ in OUTPUTS}
+    requested = body.outputs or [schemas.V2Output(name=out) for out in outputs]
+    unknown = [o.name for o in requested if o.name not in outputs]
+    if unknown:
+        raise BadInput(f"unknown output {unknown[0]!r}; the model has {', '.join(outputs)}")
+    binary_default = (body.parameters or {}).get("binary_data_output", False)
+    answer = {"model_name": name, "model_version": str(loaded.version), "outputs": []}
     if body.id is not None:
         answer["id"] = body.id
-    if not wants_binary:
-        out["data"] = probabilities.reshape(-1).tolist()
+    payload = b""
+    for requested_output in requested:
+        values, datatype = outputs[requested_output.name], datatypes[requested_output.name]
+        out = {"name": requested_output.name, "datatype": datatype, "shape": list(values.shape)}
+        if (requested_output.parameters or {}).get("binary_data", binary_default) is True:
+            data = _binary(values.reshape(-1), datatype)
+            out["parameters"] = {"binary_data_size": len(data)}
+            payload += data
+        else:
+            out["data"] = values.reshape(-1).tolist()
+        answer["outputs"].append(out)
+    if not payload:
         return jsonify(answer)
-    payload = probabilities.tobytes()
-    out["parameters"] = {"binary_data_size": len(payload)}
     header = json.dumps(answer).encode()
     return Response(header + payload, content_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(header))})

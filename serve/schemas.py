@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -13,21 +13,35 @@ class Strict(BaseModel):
 
 
 class PredictRequest(Strict):
-    """TF Serving REST, row format."""
+    """TF Serving REST: row format (`instances`) or columnar (`inputs`), one of them."""
 
-    instances: list[Any] = Field(description='each a 32x32x3 nested list of 0-255 numbers, or {"b64": "<PNG/JPEG>"}',
-                                 min_length=1)
+    instances: list[Any] | None = Field(
+        None, description='each a 32x32x3 nested list of 0-255 numbers, or {"b64": "<PNG/JPEG>"}', min_length=1)
+    inputs: Any = Field(None, description='the images as a list, or {"images": [...]}')
     signature_name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_format(self):
+        if (self.instances is None) == (self.inputs is None):
+            raise ValueError('send exactly one of "instances" (row format) or "inputs" (columnar format)')
+        return self
 
 
 class Prediction(BaseModel):
-    label: str
     class_id: int
+    label: str
     probabilities: list[float] = Field(min_length=10, max_length=10)
 
 
+class Outputs(BaseModel):
+    class_id: list[int]
+    label: list[str]
+    probabilities: list[list[float]]
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction]
+    predictions: list[Prediction] | None = Field(None, description="row format: one object per instance")
+    outputs: Outputs | None = Field(None, description="columnar format: each output for the whole batch")
 
 
 class TopClass(BaseModel):

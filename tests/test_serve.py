@@ -4,6 +4,7 @@ answers equal to the SavedModel's own, hot reload, batching, limits."""
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import subprocess
@@ -118,8 +119,34 @@ def test_model_status_and_metadata(client):
     assert sig["inputs"]["images"]["dtype"] == "DT_UINT8" and sig["outputs"]["probabilities"]["dtype"] == "DT_FLOAT"
     v2 = client.get("/v2/models/cifar10").json
     assert v2["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
-    assert v2["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert v2["outputs"] == [{"name": "class_id", "datatype": "INT64", "shape": [-1]},
+                             {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get("/v2/models/cifar10/versions/1").json == v2
     assert client.get("/v1/models/other").status_code == 404
+
+
+def test_v2_server_metadata_and_versioned_routes(client):
+    server = client.get("/v2").json
+    assert server["name"] == "cifar10-pipeline" and server["version"] and "binary_tensor_data" in server["extensions"]
+    assert client.get("/v2/models/cifar10/versions/1/ready").json == {"name": "cifar10", "ready": True}
+    body = {"inputs": [{"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                        "data": PIXELS[0].reshape(-1).tolist()}]}
+    assert client.post("/v2/models/cifar10/versions/1/infer", json=body).json["model_version"] == "1"
+    # binary_data_output for the whole request; an output's own binary_data overrides it.
+    binary = client.post("/v2/models/cifar10/infer", json={
+        **body, "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "label"}, {"name": "class_id", "parameters": {"binary_data": False}}]})
+    split = int(binary.headers["Inference-Header-Content-Length"])
+    header = json.loads(binary.data[:split])
+    (label, class_id) = header["outputs"]
+    size = int.from_bytes(binary.data[split:split + 4], "little")
+    assert label["parameters"]["binary_data_size"] == 4 + size == len(binary.data) - split
+    assert binary.data[split + 4:].decode() == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                 "horse", "ship", "truck"][class_id["data"][0]]
+    for answer in (client.get("/v2/models/cifar10/versions/2"), client.get("/v2/models/cifar10/versions/2/ready"),
+                   client.post("/v2/models/cifar10/versions/2/infer", json=body)):
+        assert answer.status_code == 404 and "version 2 is not loaded" in answer.json["error"]
 
 
 def test_v2_infer_json_equals_the_savedmodel(client, base):
@@ -128,9 +155,10 @@ def test_v2_infer_json_equals_the_savedmodel(client, base):
                                     "data": PIXELS.reshape(-1).tolist()}]}
     answer = client.post("/v2/models/cifar10/infer", json=body).json
     assert answer["id"] == "r1" and answer["model_version"] == "1"
-    out = answer["outputs"][0]
-    assert out["name"] == "probabilities" and out["datatype"] == "FP32" and out["shape"] == [6, 10]
-    np.testing.assert_allclose(np.array(out["data"]).reshape(6, 10), expected, atol=1e-6)
+    out = {o["name"]: o for o in answer["outputs"]}
+    assert out["probabilities"]["datatype"] == "FP32" and out["probabilities"]["shape"] == [6, 10]
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(6, 10), expected, atol=1e-6)
+    assert out["class_id"]["data"] == expected.argmax(axis=1).tolist()
 
 
 def test_upload_of_any_size_answers_the_top_classes(client, base):
@@ -155,7 +183,9 @@ def test_upload_of_any_size_answers_the_top_classes(client, base):
     ("post", "/v1/models/cifar10:predict", {"json": {"instances": [np.full((32, 32, 3), 300).tolist()]}}, 400,
      "0 to 255"),
     ("post", "/v1/models/cifar10:predict", {"json": {"instances": [{"b64": "%%%"}]}}, 400, "base64"),
-    ("post", "/v1/models/cifar10:predict", {"json": {"inputs": []}}, 400, "instances"),
+    ("post", "/v1/models/cifar10:predict", {"json": {"inputs": []}}, 400, "non-empty"),
+    ("post", "/v1/models/cifar10:predict", {"json": {"inputs": {"pixels": [1]}}}, 400, "images"),
+    ("post", "/v1/models/cifar10:predict", {"json": {"inputs": [], "instances": [1]}}, 400, "exactly one"),
     ("post", "/v1/models/nope:predict", {"json": {"instances": []}}, 404, "nope"),
     ("post", "/v2/models/cifar10/infer", {"json": {"inputs": [{"name": "images", "shape": [1, 32, 32, 3],
                                                                "datatype": "FP32", "data": [0]}]}}, 400, "UINT8"),
@@ -291,6 +321,12 @@ def test_tritonclient_speaks_to_the_v2_routes(live_server):
         out = triton.InferRequestedOutput("probabilities", binary_data=binary)
         result = c.infer("cifar10", [tensor], outputs=[out])
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+    # No outputs named: tritonclient asks for all of them in binary (the request's binary_data_output).
+    result = c.infer("cifar10", [tensor])
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+    np.testing.assert_array_equal(result.as_numpy("class_id"), expected.argmax(axis=1))
+    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert [v.decode() for v in result.as_numpy("label")] == [labels[i] for i in expected.argmax(axis=1)]
 
 
 def test_a_model_on_s3_is_served(s3, tmp_path):

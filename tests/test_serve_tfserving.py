@@ -48,19 +48,21 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         if self.fail:
             context.abort(self.fail, f"fake says {self.fail.name}\n  at some/internal/frame.cc:12")
         images = tf.make_ndarray(request.inputs["images"])  # our hand-built TensorProto must be valid TF
-        probabilities = self.signature(images=tf.constant(images))["probabilities"].numpy()
+        outputs = self.signature(images=tf.constant(images))
+        probabilities = outputs["probabilities"].numpy()
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.signature_name = "serving_default"
         response.model_spec.version.value = max(v for v, s in self.versions.items() if s == AVAILABLE)
+        for name, value in outputs.items():  # every output of the signature, as TF Serving answers
+            response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
         out = response.outputs["probabilities"]
         if self.float_val:
+            out.Clear()
             out.dtype = tf.float32.as_datatype_enum
             out.tensor_shape.dim.add(size=probabilities.shape[0])
             out.tensor_shape.dim.add(size=probabilities.shape[1])
             out.float_val.extend(probabilities.reshape(-1).tolist())
-        else:
-            out.CopyFrom(tf.make_tensor_proto(probabilities))
         if self.padding:
             response.outputs["padding"].CopyFrom(tf.make_tensor_proto(np.zeros(self.padding, np.uint8)))
         return response
@@ -84,11 +86,16 @@ def start_server(fake) -> tuple[grpc.Server, int]:
 
 
 @pytest.fixture(scope="session")
-def signature(tmp_path_factory):
+def exported(tmp_path_factory):
+    """The version directory of one exported model."""
     from job import export, model
 
-    _, uri = export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("export")), "cifar10", {}, PIXELS)
-    return tf.saved_model.load(uri).signatures["serving_default"]
+    return export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("export")), "cifar10", {}, PIXELS)[1]
+
+
+@pytest.fixture(scope="session")
+def signature(exported):
+    return tf.saved_model.load(exported).signatures["serving_default"]
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +195,13 @@ def test_v2_infer_json(make_client, signature):
         {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3], "data": PIXELS.reshape(-1).tolist()}]})
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
-    assert body["model_version"] == "1" and body["outputs"][0]["shape"] == [3, 10]
-    got = np.array(body["outputs"][0]["data"], dtype=np.float32).reshape(3, 10)
-    np.testing.assert_allclose(got, expected(signature, PIXELS), rtol=0, atol=1e-6)
+    own = signature(images=tf.constant(PIXELS))
+    assert body["model_version"] == "1"
+    assert [(o["name"], o["datatype"], o["shape"]) for o in body["outputs"]] == [
+        ("class_id", "INT64", [3]), ("label", "BYTES", [3]), ("probabilities", "FP32", [3, 10])]
+    class_id, label, probabilities = (o["data"] for o in body["outputs"])
+    assert class_id == own["class_id"].numpy().tolist() and label == [v.decode() for v in own["label"].numpy()]
+    np.testing.assert_array_equal(np.array(probabilities, np.float32).reshape(3, 10), own["probabilities"].numpy())
 
 
 def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signature):
@@ -264,3 +275,54 @@ def test_tf_serving_gone_is_a_503_not_a_500(signature, make_client):
     assert f"127.0.0.1:{port}" in response.get_json()["error"]
     assert wait_for(client, "/readyz", 503).status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+def tf_serving_rest(signature, pixels):
+    """TF Serving's documented REST answers for a signature with several outputs: row format, one
+    object per instance keyed by output name; columnar, an object of output name -> batch list."""
+    outputs = {name: value.numpy().tolist() for name, value in sorted(signature(images=tf.constant(pixels)).items())}
+    outputs["label"] = [v.decode() for v in outputs["label"]]
+    rows = [{name: value[i] for name, value in outputs.items()} for i in range(len(pixels))]
+    return {"predictions": rows}, {"outputs": outputs}
+
+
+def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_through_both_backends(
+        upstream, make_client, signature, exported):
+    from pathlib import Path
+
+    in_process = create_app(Settings(model_uri=str(Path(exported).parent), poll_seconds=0.2))
+    try:
+        local = in_process.test_client()
+        wait_for(local, "/readyz", 200)
+        remote = make_client()
+        wait_for(remote, "/readyz", 200)
+        rows, columns = tf_serving_rest(signature, PIXELS)
+        answers = [
+            ("/v1/models/cifar10:predict", {"instances": PIXELS.tolist()}, 200, rows),
+            ("/v1/models/cifar10:predict", {"signature_name": "serving_default", "inputs": PIXELS.tolist()},
+             200, columns),
+            ("/v1/models/cifar10:predict", {"inputs": {"images": PIXELS.tolist()}}, 200, columns),
+            ("/v1/models/cifar10/versions/1:predict", {"instances": PIXELS.tolist()}, 200, rows),
+            ("/v1/models/cifar10/versions/2:predict", {"instances": PIXELS.tolist()}, 404,
+             {"error": "Servable not found for request: Specific(cifar10, 2)"}),
+            ("/v1/models/cifar10/labels/stable:predict", {"instances": PIXELS.tolist()}, 404,
+             {"error": "Unrecognized servable version label: stable"}),
+        ]
+        for path, body, status, answer in answers:
+            got = [client.post(path, json=body) for client in (local, remote)]
+            assert [r.status_code for r in got] == [status, status], path
+            assert got[0].get_json() == answer, path
+            assert got[0].data == got[1].data, path
+        for path, status in [("/v1/models/cifar10/versions/1", 200), ("/v1/models/cifar10/versions/1/metadata", 200),
+                             ("/v1/models/cifar10/versions/3", 404),
+                             ("/v1/models/cifar10/labels/canary/metadata", 404)]:
+            got = [client.get(path) for client in (local, remote)]
+            assert [r.status_code for r in got] == [status, status] and got[0].data == got[1].data, path
+        outputs = local.get("/v1/models/cifar10/metadata").get_json()[
+            "metadata"]["signature_def"]["signature_def"]["serving_default"]["outputs"]
+        assert {name: (o["dtype"], [int(d["size"]) for d in o["tensor_shape"]["dim"]]) for name, o in outputs.items()} \
+            == {name: ("DT_" + {"float32": "FLOAT", "int64": "INT64", "string": "STRING"}[spec.dtype.name],
+                       [-1 if d is None else d for d in spec.shape.as_list()])
+                for name, spec in signature.structured_outputs.items()}
+    finally:
+        in_process.extensions["predictor"].backend.close()
