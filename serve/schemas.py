@@ -119,15 +119,18 @@ def openapi(model_name: str) -> dict:
             "/readyz": {"get": {"summary": "a model is loaded",
                                 "responses": {"200": answer("Health"), "503": answer("Health", "not ready")}}},
             f"/v1/models/{name}:predict": {"post": {
-                "summary": "TF Serving REST predict",
+                "summary": "TF Serving REST predict (also under /versions/{version} and /labels/{label})",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": ref("PredictRequest")}}},
                 "responses": {"200": answer("PredictResponse"), **errors}}},
+            "/v2": {"get": {"summary": "Open Inference Protocol v2 server metadata: name, version, extensions",
+                            "responses": {"200": {"description": "OK"}}}},
             f"/v1/models/{name}": {"get": {"summary": "TF Serving model status", "responses": {"200": {
                 "description": "OK"}}}},
             f"/v1/models/{name}/metadata": {"get": {"summary": "TF Serving model metadata", "responses": {
                 "200": {"description": "OK"}}}},
             f"/v2/models/{name}/infer": {"post": {
-                "summary": "Open Inference Protocol v2 infer (JSON; binary tensor extension accepted)",
+                "summary": "Open Inference Protocol v2 infer, also under /versions/{version} (JSON; the binary "
+                           "tensor extension for inputs, and for outputs by binary_data or binary_data_output)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": ref("V2InferRequest")}}},
                 "responses": {"200": answer("V2InferResponse"), **errors}}},
             "/predict": {"post": {
