@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve import checks, metrics, models
+from serve.images import BadInput
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -36,6 +37,7 @@ class Loaded:
     version: int
     predict: object  # the SavedModel's serving_default signature
     labels: tuple[str, ...]
+    predict_bytes: object = None  # its predict_image_bytes signature, where the export has one
 
 
 class InProcess:
@@ -120,7 +122,8 @@ class InProcess:
         import tensorflow as tf
 
         path = models.local_path(self.base, version, self.settings.cache_dir)
-        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        signatures = tf.saved_model.load(str(path)).signatures
+        signature = signatures["serving_default"]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
         if not checks.check(path, signature, self.settings.min_accuracy):
             log.warning("%s version %d has no probe record (exported before the job wrote one): "
@@ -128,7 +131,7 @@ class InProcess:
         labels_file = path / "assets" / "labels.txt"
         # One name per line, as the job writes them: a name may hold spaces ("red square").
         labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES
-        return Loaded(version, signature, labels)
+        return Loaded(version, signature, labels, signatures.get("predict_image_bytes"))
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
         import tensorflow as tf
@@ -137,6 +140,21 @@ class InProcess:
         if loaded is None:
             raise Unavailable(f"no model loaded yet from {self.base}")
         out = loaded.predict(images=tf.constant(images, dtype=tf.uint8))["probabilities"]
+        return out.numpy(), loaded
+
+    def predict_bytes(self, encoded: list[bytes]) -> tuple[np.ndarray, Loaded]:
+        """Encoded images through the model's own decoding (predict_image_bytes), as TF Serving runs it."""
+        import tensorflow as tf
+
+        loaded = self.current
+        if loaded is None:
+            raise Unavailable(f"no model loaded yet from {self.base}")
+        if loaded.predict_bytes is None:
+            raise BadInput(f"version {loaded.version} has no predict_image_bytes signature")
+        try:
+            out = loaded.predict_bytes(image_bytes=tf.constant(encoded, dtype=tf.string))["probabilities"]
+        except tf.errors.InvalidArgumentError as exc:  # an image Pillow reads but TensorFlow does not
+            raise BadInput(f"predict_image_bytes could not decode an image: {exc.message.splitlines()[0]}") from None
         return out.numpy(), loaded
 
     def status(self) -> Loaded | None:

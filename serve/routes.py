@@ -82,6 +82,8 @@ def readyz():
 # The export's serving_default signature (job/export.py), outputs in name order, as TF Serving
 # writes an answer's outputs: (name, TF dtype, v2 datatype, shape).
 INPUT = "images"
+# The export's second signature: encoded images, decoded inside the model.
+BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
 OUTPUTS = (("class_id", "DT_INT64", "INT64", [-1]), ("label", "DT_STRING", "BYTES", [-1]),
            ("probabilities", "DT_FLOAT", "FP32", [-1, 10]))
 
@@ -135,13 +137,18 @@ def v1_metadata(name, version=None, label=None):
         return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
                                                  "unknown_rank": False}, "name": tensor_name}
 
-    signature = {"inputs": {INPUT: tensor("serving_default_images:0", "DT_UINT8", [-1, 32, 32, 3])},
-                 "outputs": {out: tensor(f"StatefulPartitionedCall:{i}", dtype, shape)
-                             for i, (out, dtype, _, shape) in enumerate(OUTPUTS)},
-                 "method_name": "tensorflow/serving/predict"}
+    def signature(key, input_name, dtype, shape, call):
+        return {"inputs": {input_name: tensor(f"{key}_{input_name}:0", dtype, shape)},
+                "outputs": {out: tensor(f"{call}:{i}", out_dtype, out_shape)
+                            for i, (out, out_dtype, _, out_shape) in enumerate(OUTPUTS)},
+                "method_name": "tensorflow/serving/predict"}
+
+    signatures = {"serving_default": signature("serving_default", INPUT, "DT_UINT8", [-1, 32, 32, 3],
+                                               "StatefulPartitionedCall"),
+                  BYTES_SIGNATURE: signature(BYTES_SIGNATURE, BYTES_INPUT, "DT_STRING", [-1],
+                                             "StatefulPartitionedCall_1")}
     return jsonify(model_spec={"name": name, "signature_name": "", "version": str(loaded.version)},
-                   metadata={"signature_def": {"signature_def": {"serving_default": signature},
-                                               "labels": list(loaded.labels)}})
+                   metadata={"signature_def": {"signature_def": signatures, "labels": list(loaded.labels)}})
 
 
 @_v1_routes("post", ":predict")
@@ -151,28 +158,38 @@ def v1_predict(name, version=None, label=None):
     else:
         _loaded_or_404(name, version, label)
     body = _body(schemas.PredictRequest)
-    if body.signature_name not in (None, "serving_default"):
-        raise BadInput(f"unknown signature_name {body.signature_name!r}; use serving_default")
+    by_bytes = body.signature_name == BYTES_SIGNATURE
+    if body.signature_name not in (None, "serving_default", BYTES_SIGNATURE):
+        raise BadInput(f"unknown signature_name {body.signature_name!r}; use serving_default or {BYTES_SIGNATURE}")
+    expected = BYTES_INPUT if by_bytes else INPUT
     if body.instances is not None:
         where, values = "instances", body.instances
     elif isinstance(body.inputs, dict):
-        if set(body.inputs) != {INPUT}:
-            raise BadInput(f"inputs: expected exactly one input, named {INPUT!r}")
-        where, values = f"inputs.{INPUT}", body.inputs[INPUT]
+        if set(body.inputs) != {expected}:
+            raise BadInput(f"inputs: expected exactly one input, named {expected!r}")
+        where, values = f"inputs.{expected}", body.inputs[expected]
     else:
         where, values = "inputs", body.inputs
     if not isinstance(values, list) or not values:
         raise BadInput(f"{where}: must be a non-empty list of images")
-    batch = np.stack([images.instance(x, f"{where}[{i}]") for i, x in enumerate(values)])
     columnar = body.instances is None
-    del body, values  # thousands of small lists: not kept alive while the request waits for its batch
-    probabilities, served = _predictor().predict(batch)
+    if by_bytes:
+        limit = current_app.extensions["settings"].max_instances
+        if len(values) > limit:
+            raise BadInput(f"{len(values)} images in one request; at most {limit}")
+        encoded = [images.encoded(x, f"{where}[{i}]") for i, x in enumerate(values)]
+        del body, values
+        probabilities, served = _predictor().backend.predict_bytes(encoded)
+    else:
+        batch = np.stack([images.instance(x, f"{where}[{i}]") for i, x in enumerate(values)])
+        del body, values  # thousands of small lists: not kept alive while the request waits for its batch
+        probabilities, served = _predictor().predict(batch)
     if version is not None and served.version != version:  # swapped while this request waited
         abort(404, f"Servable not found for request: Specific({name}, {version})")
     outputs = {k: v.tolist() for k, v in _outputs(probabilities, served).items()}
     if columnar:
         return jsonify(outputs=outputs), 200, {"X-Model-Version": str(served.version)}
-    predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(batch))]
+    predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(probabilities))]
     return jsonify(predictions=predictions), 200, {"X-Model-Version": str(served.version)}
 
 

@@ -23,12 +23,13 @@ from serve.settings import Settings
 log = logging.getLogger("serve")
 
 SIGNATURE, INPUT, OUTPUT = "serving_default", "images", "probabilities"
+BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
 # gRPC refuses to *receive* messages over 4 MB by default (sending is
 # unbounded). TF Serving lifts its own receive limit to 2 GB, so a batch of
 # ~1400+ images (3 KB each) gets through; we lift ours for large answers, and
 # bound what we send at the same 64 MiB (~21k images) rather than not at all.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DT_UINT8, DT_FLOAT = 4, 1  # tensorflow/core/framework/types.proto
+DT_UINT8, DT_FLOAT, DT_STRING = 4, 1, 7  # tensorflow/core/framework/types.proto
 
 # What each gRPC failure means for our clients: TF Serving down or the model
 # not loaded (yet) is a 503 worth retrying; too slow is a 504; anything else
@@ -80,11 +81,24 @@ class TFServing:
         for size in images.shape:
             tensor.tensor_shape.dim.add(size=size)
         tensor.tensor_content = images.tobytes()
+        return self._call(request, len(images))
+
+    def predict_bytes(self, encoded: list[bytes]) -> tuple[np.ndarray, Loaded]:
+        """Encoded images through the model's predict_image_bytes signature, decoded by TF Serving."""
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=self.name, signature_name=BYTES_SIGNATURE))
+        tensor = request.inputs[BYTES_INPUT]
+        tensor.dtype = DT_STRING
+        tensor.tensor_shape.dim.add(size=len(encoded))
+        tensor.string_val.extend(encoded)
+        return self._call(request, len(encoded))
+
+    def _call(self, request, count: int) -> tuple[np.ndarray, Loaded]:
         try:
             response = self._predict(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc, "Predict") from None
-        probabilities = self._probabilities(response, len(images))
+        probabilities = self._probabilities(response, count)
         if response.model_spec.HasField("version"):
             version = response.model_spec.version.value
         else:  # an older server that does not say: the newest it reported

@@ -117,6 +117,9 @@ def test_model_status_and_metadata(client):
     meta = client.get("/v1/models/cifar10/metadata").json
     sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
     assert sig["inputs"]["images"]["dtype"] == "DT_UINT8" and sig["outputs"]["probabilities"]["dtype"] == "DT_FLOAT"
+    by_bytes = meta["metadata"]["signature_def"]["signature_def"]["predict_image_bytes"]
+    assert by_bytes["inputs"]["image_bytes"]["dtype"] == "DT_STRING" and \
+        {k: o["dtype"] for k, o in by_bytes["outputs"].items()} == {k: o["dtype"] for k, o in sig["outputs"].items()}
     v2 = client.get("/v2/models/cifar10").json
     assert v2["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
     assert v2["outputs"] == [{"name": "class_id", "datatype": "INT64", "shape": [-1]},

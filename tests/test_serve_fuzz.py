@@ -238,7 +238,7 @@ def v1_bodies(draw):
     if kind == "instances":
         body = {"instances": draw(st.one_of(st.lists(INSTANCES, max_size=3), JSON))}
         if draw(st.booleans()):
-            body["signature_name"] = draw(st.one_of(st.just("serving_default"), JSON))
+            body["signature_name"] = draw(st.one_of(st.sampled_from(["serving_default", "predict_image_bytes"]), JSON))
         if draw(st.booleans()):
             body[draw(st.sampled_from(KEYS))] = draw(JSON)
         return json.dumps(body)

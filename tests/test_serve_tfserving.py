@@ -30,8 +30,8 @@ AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_mode
 class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
     """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails."""
 
-    def __init__(self, signature):
-        self.signature = signature
+    def __init__(self, signatures):
+        self.signatures = signatures
         self.reset()
 
     def reset(self, versions=None):
@@ -47,12 +47,13 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
             self.release.wait(self.delay)
         if self.fail:
             context.abort(self.fail, f"fake says {self.fail.name}\n  at some/internal/frame.cc:12")
-        images = tf.make_ndarray(request.inputs["images"])  # our hand-built TensorProto must be valid TF
-        outputs = self.signature(images=tf.constant(images))
+        # Our hand-built TensorProtos must be valid TF.
+        inputs = {name: tf.constant(tf.make_ndarray(tensor)) for name, tensor in request.inputs.items()}
+        outputs = self.signatures[request.model_spec.signature_name](**inputs)
         probabilities = outputs["probabilities"].numpy()
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name
-        response.model_spec.signature_name = "serving_default"
+        response.model_spec.signature_name = request.model_spec.signature_name
         response.model_spec.version.value = max(v for v, s in self.versions.items() if s == AVAILABLE)
         for name, value in outputs.items():  # every output of the signature, as TF Serving answers
             response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
@@ -94,13 +95,18 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def signature(exported):
-    return tf.saved_model.load(exported).signatures["serving_default"]
+def signatures(exported):
+    return tf.saved_model.load(exported).signatures
+
+
+@pytest.fixture(scope="session")
+def signature(signatures):
+    return signatures["serving_default"]
 
 
 @pytest.fixture(scope="module")
-def upstream(signature):
-    fake = FakeTFServing(signature)
+def upstream(signatures):
+    fake = FakeTFServing(signatures)
     server, port = start_server(fake)
     yield fake, port
     fake.release.set()
@@ -261,8 +267,8 @@ def test_a_slow_tf_serving_is_a_504(upstream, make_client):
     assert client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]}).status_code == 200
 
 
-def test_tf_serving_gone_is_a_503_not_a_500(signature, make_client):
-    fake = FakeTFServing(signature)
+def test_tf_serving_gone_is_a_503_not_a_500(signatures, make_client):
+    fake = FakeTFServing(signatures)
     server, port = start_server(fake)
     try:
         client = make_client(port=port)
@@ -277,17 +283,17 @@ def test_tf_serving_gone_is_a_503_not_a_500(signature, make_client):
     assert client.get("/healthz").status_code == 200
 
 
-def tf_serving_rest(signature, pixels):
-    """TF Serving's documented REST answers for a signature with several outputs: row format, one
-    object per instance keyed by output name; columnar, an object of output name -> batch list."""
-    outputs = {name: value.numpy().tolist() for name, value in sorted(signature(images=tf.constant(pixels)).items())}
+def tf_serving_rest(outputs):
+    """TF Serving's documented REST answers for a signature's outputs when it has several: row
+    format, one object per instance keyed by output name; columnar, an object of output name -> batch list."""
+    outputs = {name: value.numpy().tolist() for name, value in sorted(outputs.items())}
     outputs["label"] = [v.decode() for v in outputs["label"]]
-    rows = [{name: value[i] for name, value in outputs.items()} for i in range(len(pixels))]
+    rows = [{name: value[i] for name, value in outputs.items()} for i in range(len(outputs["label"]))]
     return {"predictions": rows}, {"outputs": outputs}
 
 
 def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_through_both_backends(
-        upstream, make_client, signature, exported):
+        upstream, make_client, signatures, exported):
     from pathlib import Path
 
     in_process = create_app(Settings(model_uri=str(Path(exported).parent), poll_seconds=0.2))
@@ -296,13 +302,27 @@ def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_throug
         wait_for(local, "/readyz", 200)
         remote = make_client()
         wait_for(remote, "/readyz", 200)
-        rows, columns = tf_serving_rest(signature, PIXELS)
+        rows, columns = tf_serving_rest(signatures["serving_default"](images=tf.constant(PIXELS)))
+        # Not 32x32: the signature's own decoding and resizing is what answers.
+        pngs = [Image.fromarray(np.kron(p, np.ones((3, 2, 1), np.uint8))) for p in PIXELS]
+        encoded = []
+        for image in pngs:
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            encoded.append(out.getvalue())
+        b64 = [{"b64": base64.b64encode(e).decode()} for e in encoded]
+        bytes_rows, bytes_columns = tf_serving_rest(
+            signatures["predict_image_bytes"](image_bytes=tf.constant(encoded)))
         answers = [
             ("/v1/models/cifar10:predict", {"instances": PIXELS.tolist()}, 200, rows),
             ("/v1/models/cifar10:predict", {"signature_name": "serving_default", "inputs": PIXELS.tolist()},
              200, columns),
             ("/v1/models/cifar10:predict", {"inputs": {"images": PIXELS.tolist()}}, 200, columns),
             ("/v1/models/cifar10/versions/1:predict", {"instances": PIXELS.tolist()}, 200, rows),
+            ("/v1/models/cifar10:predict", {"signature_name": "predict_image_bytes", "instances": b64},
+             200, bytes_rows),
+            ("/v1/models/cifar10/versions/1:predict",
+             {"signature_name": "predict_image_bytes", "inputs": {"image_bytes": b64}}, 200, bytes_columns),
             ("/v1/models/cifar10/versions/2:predict", {"instances": PIXELS.tolist()}, 404,
              {"error": "Servable not found for request: Specific(cifar10, 2)"}),
             ("/v1/models/cifar10/labels/stable:predict", {"instances": PIXELS.tolist()}, 404,
@@ -323,6 +343,6 @@ def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_throug
         assert {name: (o["dtype"], [int(d["size"]) for d in o["tensor_shape"]["dim"]]) for name, o in outputs.items()} \
             == {name: ("DT_" + {"float32": "FLOAT", "int64": "INT64", "string": "STRING"}[spec.dtype.name],
                        [-1 if d is None else d for d in spec.shape.as_list()])
-                for name, spec in signature.structured_outputs.items()}
+                for name, spec in signatures["serving_default"].structured_outputs.items()}
     finally:
         in_process.extensions["predictor"].backend.close()
