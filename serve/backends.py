@@ -1,6 +1,7 @@
 """Where predictions come from: the SavedModel in this process, or TF
-Serving over gRPC. Both answer `predict(uint8 [N,32,32,3]) -> float32 [N,10]`
-and say which version they serve."""
+Serving over gRPC. Both answer `predict(uint8 [N,32,32,3])` with the
+signature's outputs by name (`probabilities`, `class_id`, `label`) and say
+which version they serve."""
 
 from __future__ import annotations
 
@@ -133,16 +134,16 @@ class InProcess:
         labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES
         return Loaded(version, signature, labels, signatures.get("predict_image_bytes"))
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
+    def predict(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], Loaded]:
         import tensorflow as tf
 
         loaded = self.current
         if loaded is None:
             raise Unavailable(f"no model loaded yet from {self.base}")
-        out = loaded.predict(images=tf.constant(images, dtype=tf.uint8))["probabilities"]
-        return out.numpy(), loaded
+        outputs = loaded.predict(images=tf.constant(images, dtype=tf.uint8))
+        return {name: value.numpy() for name, value in outputs.items()}, loaded
 
-    def predict_bytes(self, encoded: list[bytes]) -> tuple[np.ndarray, Loaded]:
+    def predict_bytes(self, encoded: list[bytes]) -> tuple[dict[str, np.ndarray], Loaded]:
         """Encoded images through the model's own decoding (predict_image_bytes), as TF Serving runs it."""
         import tensorflow as tf
 
@@ -152,10 +153,10 @@ class InProcess:
         if loaded.predict_bytes is None:
             raise BadInput(f"version {loaded.version} has no predict_image_bytes signature")
         try:
-            out = loaded.predict_bytes(image_bytes=tf.constant(encoded, dtype=tf.string))["probabilities"]
+            outputs = loaded.predict_bytes(image_bytes=tf.constant(encoded, dtype=tf.string))
         except tf.errors.InvalidArgumentError as exc:  # an image Pillow reads but TensorFlow does not
             raise BadInput(f"predict_image_bytes could not decode an image: {exc.message.splitlines()[0]}") from None
-        return out.numpy(), loaded
+        return {name: value.numpy() for name, value in outputs.items()}, loaded
 
     def status(self) -> Loaded | None:
         return self.current

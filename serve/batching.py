@@ -78,5 +78,8 @@ class Batcher:
             return
         start = 0
         for part, f in live:
-            f.set_result((outputs[start:start + len(part)], info))
-            start += len(part)
+            end = start + len(part)
+            # A signature's outputs by name, each sliced alike; or one array.
+            f.set_result(({k: v[start:end] for k, v in outputs.items()} if isinstance(outputs, dict)
+                          else outputs[start:end], info))
+            start = end

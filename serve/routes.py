@@ -88,12 +88,10 @@ OUTPUTS = (("class_id", "DT_INT64", "INT64", [-1]), ("label", "DT_STRING", "BYTE
            ("probabilities", "DT_FLOAT", "FP32", [-1, 10]))
 
 
-def _outputs(probabilities: np.ndarray, loaded) -> dict[str, np.ndarray]:
-    """The signature's outputs for a batch: the class and its label are the model's own argmax and
-    labels.txt line, as the SavedModel computes them (tf.argmax, like np.argmax, takes the first maximum)."""
-    class_id = np.argmax(probabilities, axis=1).astype(np.int64)
-    return {"class_id": class_id, "label": np.array([loaded.labels[i] for i in class_id], dtype=object),
-            "probabilities": np.ascontiguousarray(probabilities, dtype=np.float32)}
+def _outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The outputs the model answered, in name order as TF Serving writes them, strings as text."""
+    return {name: np.array([v.decode() for v in value], dtype=object) if value.dtype == object else value
+            for name, value in sorted(outputs.items())}
 
 
 def _loaded_or_404(name: str, version: int | None = None, label: str | None = None):
@@ -179,17 +177,17 @@ def v1_predict(name, version=None, label=None):
             raise BadInput(f"{len(values)} images in one request; at most {limit}")
         encoded = [images.encoded(x, f"{where}[{i}]") for i, x in enumerate(values)]
         del body, values
-        probabilities, served = _predictor().backend.predict_bytes(encoded)
+        answered, served = _predictor().backend.predict_bytes(encoded)
     else:
         batch = np.stack([images.instance(x, f"{where}[{i}]") for i, x in enumerate(values)])
         del body, values  # thousands of small lists: not kept alive while the request waits for its batch
-        probabilities, served = _predictor().predict(batch)
+        answered, served = _predictor().predict(batch)
     if version is not None and served.version != version:  # swapped while this request waited
         abort(404, f"Servable not found for request: Specific({name}, {version})")
-    outputs = {k: v.tolist() for k, v in _outputs(probabilities, served).items()}
+    outputs = {k: v.tolist() for k, v in _outputs(answered).items()}
     if columnar:
         return jsonify(outputs=outputs), 200, {"X-Model-Version": str(served.version)}
-    predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(probabilities))]
+    predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(outputs["probabilities"]))]
     return jsonify(predictions=predictions), 200, {"X-Model-Version": str(served.version)}
 
 
@@ -235,6 +233,9 @@ def v2_metadata(name, version=None):
 def v2_model_ready(name, version=None):
     ready = _v2_loaded(name, version) is not None
     return jsonify(name=name, ready=ready), 200 if ready else 503
+
+
+V2_DATATYPES = {"float32": "FP32", "int64": "INT64", "object": "BYTES"}
 
 
 def _binary(values: np.ndarray, datatype: str) -> bytes:
@@ -293,11 +294,10 @@ def v2_infer(name, version=None):
                             or np.any(values != np.rint(values))):
             raise BadInput(f"input {INPUT!r}: UINT8 values are whole numbers from 0 to 255")
         batch = values.astype(np.uint8).reshape(shape)
-    probabilities, loaded = _predictor().predict(batch)
+    answered, loaded = _predictor().predict(batch)
     if version is not None and version != str(loaded.version):  # swapped while this request waited
         abort(404, f"model {name!r} version {version} is not loaded")
-    outputs = _outputs(probabilities, loaded)
-    datatypes = {out: datatype for out, _, datatype, _ in OUTPUTS}
+    outputs = _outputs(answered)
     requested = body.outputs or [schemas.V2Output(name=out) for out in outputs]
     unknown = [o.name for o in requested if o.name not in outputs]
     if unknown:
@@ -308,7 +308,8 @@ def v2_infer(name, version=None):
         answer["id"] = body.id
     payload = b""
     for requested_output in requested:
-        values, datatype = outputs[requested_output.name], datatypes[requested_output.name]
+        values = outputs[requested_output.name]
+        datatype = V2_DATATYPES.get(values.dtype.name, "BYTES")
         out = {"name": requested_output.name, "datatype": datatype, "shape": list(values.shape)}
         if (requested_output.parameters or {}).get("binary_data", binary_default) is True:
             data = _binary(values.reshape(-1), datatype)
@@ -337,7 +338,8 @@ def predict_upload():
         data = file.read()
     else:
         raise BadInput('send the image as multipart field "file", or as an image/png or image/jpeg body')
-    probabilities, loaded = _predictor().predict(images.decode(data)[None])
+    answered, loaded = _predictor().predict(images.decode(data)[None])
+    probabilities = answered["probabilities"]
     order = np.argsort(-probabilities[0])[:5]
     top = [{"label": loaded.labels[i], "class_id": int(i), "probability": float(probabilities[0][i])} for i in order]
     return jsonify(model_version=loaded.version, predictions=top)

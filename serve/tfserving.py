@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import grpc
@@ -29,7 +30,9 @@ BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
 # ~1400+ images (3 KB each) gets through; we lift ours for large answers, and
 # bound what we send at the same 64 MiB (~21k images) rather than not at all.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DT_UINT8, DT_FLOAT, DT_STRING = 4, 1, 7  # tensorflow/core/framework/types.proto
+DT_UINT8, DT_FLOAT, DT_STRING, DT_INT64 = 4, 1, 7, 9  # tensorflow/core/framework/types.proto
+# How each output dtype is read: from tensor_content as this numpy dtype, or else from this repeated field.
+READ = {DT_FLOAT: ("<f4", "float_val"), DT_INT64: ("<i8", "int64_val"), DT_STRING: (object, "string_val")}
 
 # What each gRPC failure means for our clients: TF Serving down or the model
 # not loaded (yet) is a 503 worth retrying; too slow is a 504; anything else
@@ -70,7 +73,7 @@ class TFServing:
             message += f": {details.splitlines()[0][:200]}"  # its first line only: no upstream traces
         return UpstreamError(message, HTTP_STATUS.get(code, 502))
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, Loaded]:
+    def predict(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], Loaded]:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=self.name, signature_name=SIGNATURE))
@@ -83,7 +86,7 @@ class TFServing:
         tensor.tensor_content = images.tobytes()
         return self._call(request, len(images))
 
-    def predict_bytes(self, encoded: list[bytes]) -> tuple[np.ndarray, Loaded]:
+    def predict_bytes(self, encoded: list[bytes]) -> tuple[dict[str, np.ndarray], Loaded]:
         """Encoded images through the model's predict_image_bytes signature, decoded by TF Serving."""
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=self.name, signature_name=BYTES_SIGNATURE))
@@ -93,34 +96,41 @@ class TFServing:
         tensor.string_val.extend(encoded)
         return self._call(request, len(encoded))
 
-    def _call(self, request, count: int) -> tuple[np.ndarray, Loaded]:
+    def _call(self, request, count: int) -> tuple[dict[str, np.ndarray], Loaded]:
         try:
             response = self._predict(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise self._error(exc, "Predict") from None
-        probabilities = self._probabilities(response, count)
+        outputs = self._outputs(response, count)
         if response.model_spec.HasField("version"):
             version = response.model_spec.version.value
         else:  # an older server that does not say: the newest it reported
             version = self.current.version if self.current else 0
-        return probabilities, Loaded(version, None, CLASS_NAMES)
+        return outputs, Loaded(version, None, CLASS_NAMES)
 
-    def _probabilities(self, response, count: int) -> np.ndarray:
+    def _outputs(self, response, count: int) -> dict[str, np.ndarray]:
+        """Every output TF Serving answered in a dtype a signature of ours has, by name."""
         if OUTPUT not in response.outputs:
             raise UpstreamError(f"TF Serving at {self.address} answered without {OUTPUT!r}", 502)
-        out = response.outputs[OUTPUT]
-        if out.dtype != DT_FLOAT:
-            raise UpstreamError(f"TF Serving at {self.address} answered {OUTPUT!r} with dtype {out.dtype}, "
-                                f"not float32", 502)
-        # TF Serving packs floats in tensor_content; other servers may use float_val.
-        if out.tensor_content:
-            values = np.frombuffer(out.tensor_content, dtype="<f4")
-        else:
-            values = np.asarray(out.float_val, dtype=np.float32)
-        if values.size != count * len(CLASS_NAMES):
-            raise UpstreamError(f"TF Serving at {self.address} answered {values.size} probabilities "
-                                f"for {count} images", 502)
-        return values.astype(np.float32).reshape(count, len(CLASS_NAMES))
+        if response.outputs[OUTPUT].dtype != DT_FLOAT:
+            raise UpstreamError(f"TF Serving at {self.address} answered {OUTPUT!r} with dtype "
+                                f"{response.outputs[OUTPUT].dtype}, not float32", 502)
+        outputs = {}
+        for name, tensor in response.outputs.items():
+            if tensor.dtype not in READ:
+                continue
+            dtype, field = READ[tensor.dtype]
+            shape = [d.size for d in tensor.tensor_shape.dim]
+            # TF Serving packs numbers in tensor_content; other servers may use the repeated fields.
+            if dtype is not object and tensor.tensor_content:
+                values = np.frombuffer(tensor.tensor_content, dtype=dtype)
+            else:
+                values = np.asarray(getattr(tensor, field), dtype=dtype)
+            if not shape or shape[0] != count or values.size != math.prod(shape):
+                raise UpstreamError(f"TF Serving at {self.address} answered {name!r} with {values.size} values "
+                                    f"of shape {shape} for {count} images", 502)
+            outputs[name] = values.reshape(shape)
+        return outputs
 
     def _watch(self) -> None:
         while not self._stop.is_set():

@@ -215,7 +215,9 @@ def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signatu
     backend = client.application.extensions["predictor"].backend
     batch = np.random.default_rng(1).integers(0, 256, size=(1500, 32, 32, 3), dtype=np.uint8)
     assert batch.nbytes > 4 * 1024 * 1024
-    probabilities, loaded = backend.predict(batch)
+    outputs, loaded = backend.predict(batch)
+    probabilities = outputs["probabilities"]
+    np.testing.assert_array_equal(outputs["class_id"], probabilities.argmax(axis=1))
     assert probabilities.shape == (1500, 10) and probabilities.dtype == np.float32 and loaded.version == 1
     np.testing.assert_allclose(probabilities[:5], expected(signature, batch[:5]), rtol=0, atol=1e-6)
 
@@ -346,3 +348,20 @@ def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_throug
                 for name, spec in signatures["serving_default"].structured_outputs.items()}
     finally:
         in_process.extensions["predictor"].backend.close()
+
+
+def test_labels_through_tf_serving_are_the_models_own(tmp_path, make_client):
+    """A model trained on other classes: its labels come from TF Serving's answer, not from CIFAR-10's names."""
+    from job import export, model
+
+    names = [f"class {i}" for i in range(10)]
+    uri = export.export(model.build("simple_cnn"), str(tmp_path), "cifar10", {}, PIXELS, class_names=names)[1]
+    fake = FakeTFServing(tf.saved_model.load(uri).signatures)
+    server, port = start_server(fake)
+    try:
+        client = make_client(port=port)
+        assert wait_for(client, "/readyz", 200).status_code == 200
+        answer = client.post("/v1/models/cifar10:predict", json={"inputs": PIXELS.tolist()}).get_json()["outputs"]
+        assert answer["label"] == [names[i] for i in answer["class_id"]]
+    finally:
+        server.stop(grace=None).wait()
