@@ -39,6 +39,7 @@ class Loaded:
     predict: object  # the SavedModel's serving_default signature
     labels: tuple[str, ...]
     predict_bytes: object = None  # its predict_image_bytes signature, where the export has one
+    signature_defs: dict | None = None  # name -> SignatureDef proto, as TF Serving reports them
 
 
 class InProcess:
@@ -132,7 +133,12 @@ class InProcess:
         labels_file = path / "assets" / "labels.txt"
         # One name per line, as the job writes them: a name may hold spaces ("red square").
         labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES
-        return Loaded(version, signature, labels, signatures.get("predict_image_bytes"))
+        # The SignatureDefs as saved, which is what TF Serving's metadata reports.
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+        return Loaded(version, signature, labels, signatures.get("predict_image_bytes"),
+                      dict(saved.meta_graphs[0].signature_def))
 
     def predict(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], Loaded]:
         import tensorflow as tf
@@ -157,6 +163,12 @@ class InProcess:
         except tf.errors.InvalidArgumentError as exc:  # an image Pillow reads but TensorFlow does not
             raise BadInput(f"predict_image_bytes could not decode an image: {exc.message.splitlines()[0]}") from None
         return {name: value.numpy() for name, value in outputs.items()}, loaded
+
+    def signature_defs(self, version: int) -> dict:
+        loaded = self.current
+        if loaded is None or loaded.version != version:
+            raise Unavailable(f"version {version} is not loaded")
+        return loaded.signature_defs
 
     def status(self) -> Loaded | None:
         return self.current

@@ -10,11 +10,13 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
+from google.protobuf import json_format
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from serve import images, metrics, schemas
+from serve.backends import Unavailable
 from serve.images import BadInput
 
 health = Blueprint("health", __name__)
@@ -79,13 +81,9 @@ def readyz():
 
 # --- TF Serving REST ----------------------------------------------------------
 
-# The export's serving_default signature (job/export.py), outputs in name order, as TF Serving
-# writes an answer's outputs: (name, TF dtype, v2 datatype, shape).
 INPUT = "images"
 # The export's second signature: encoded images, decoded inside the model.
 BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
-OUTPUTS = (("class_id", "DT_INT64", "INT64", [-1]), ("label", "DT_STRING", "BYTES", [-1]),
-           ("probabilities", "DT_FLOAT", "FP32", [-1, 10]))
 
 
 def _outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,23 +128,14 @@ def v1_status(name, version=None, label=None):
 @_v1_routes("get", "/metadata")
 def v1_metadata(name, version=None, label=None):
     loaded = _loaded_or_404(name, version, label)
-
-    def tensor(tensor_name, dtype, dims):
-        return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
-                                                 "unknown_rank": False}, "name": tensor_name}
-
-    def signature(key, input_name, dtype, shape, call):
-        return {"inputs": {input_name: tensor(f"{key}_{input_name}:0", dtype, shape)},
-                "outputs": {out: tensor(f"{call}:{i}", out_dtype, out_shape)
-                            for i, (out, out_dtype, _, out_shape) in enumerate(OUTPUTS)},
-                "method_name": "tensorflow/serving/predict"}
-
-    signatures = {"serving_default": signature("serving_default", INPUT, "DT_UINT8", [-1, 32, 32, 3],
-                                               "StatefulPartitionedCall"),
-                  BYTES_SIGNATURE: signature(BYTES_SIGNATURE, BYTES_INPUT, "DT_STRING", [-1],
-                                             "StatefulPartitionedCall_1")}
+    defs = _predictor().backend.signature_defs(loaded.version)
+    # TF Serving writes the protos as JSON with their field names and every field, defaults too;
+    # sorted, since a proto map's order is arbitrary and both backends must give the same bytes.
+    signature_def = {key: json.loads(json_format.MessageToJson(
+        value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True, sort_keys=True))
+        for key, value in sorted(defs.items())}
     return jsonify(model_spec={"name": name, "signature_name": "", "version": str(loaded.version)},
-                   metadata={"signature_def": {"signature_def": signatures, "labels": list(loaded.labels)}})
+                   metadata={"signature_def": {"signature_def": signature_def}})
 
 
 @_v1_routes("post", ":predict")
@@ -222,10 +211,16 @@ def _v2_loaded(name: str, version: str | None):
 @v2.get("/v2/models/<model:name>/versions/<version>")
 def v2_metadata(name, version=None):
     loaded = _v2_loaded(name, version)
-    return jsonify(name=name, versions=[str(loaded.version)] if loaded else [], platform="tensorflow_savedmodel",
-                   inputs=[{"name": INPUT, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
-                   outputs=[{"name": out, "datatype": datatype, "shape": shape}
-                            for out, _, datatype, shape in OUTPUTS])
+    if loaded is None:
+        raise Unavailable(f"model {name!r} has no version loaded yet")
+    signature = _predictor().backend.signature_defs(loaded.version)["serving_default"]
+
+    def tensors(infos):
+        return [{"name": key, "datatype": V2_FROM_TF.get(info.dtype, f"TF_DTYPE_{info.dtype}"),
+                 "shape": [d.size for d in info.tensor_shape.dim]} for key, info in sorted(infos.items())]
+
+    return jsonify(name=name, versions=[str(loaded.version)], platform="tensorflow_savedmodel",
+                   inputs=tensors(signature.inputs), outputs=tensors(signature.outputs))
 
 
 @v2.get("/v2/models/<model:name>/ready")
@@ -236,6 +231,8 @@ def v2_model_ready(name, version=None):
 
 
 V2_DATATYPES = {"float32": "FP32", "int64": "INT64", "object": "BYTES"}
+# A SignatureDef's dtypes (tensorflow/core/framework/types.proto's numbers) as v2 datatypes.
+V2_FROM_TF = {1: "FP32", 2: "FP64", 3: "INT32", 4: "UINT8", 7: "BYTES", 9: "INT64", 10: "BOOL", 19: "FP16"}
 
 
 def _binary(values: np.ndarray, datatype: str) -> bytes:

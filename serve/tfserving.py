@@ -11,6 +11,7 @@ import threading
 import grpc
 import numpy as np
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_pb2,
     model_service_pb2_grpc,
@@ -57,7 +58,8 @@ class TFServing:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ])
-        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
+        prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._predict, self._metadata = prediction.Predict, prediction.GetModelMetadata
         self._status = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
         self._stop = threading.Event()
         # The first poll happens on the thread too, so a TF Serving that is
@@ -95,6 +97,19 @@ class TFServing:
         tensor.tensor_shape.dim.add(size=len(encoded))
         tensor.string_val.extend(encoded)
         return self._call(request, len(encoded))
+
+    def signature_defs(self, version: int) -> dict:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=model_pb2.ModelSpec(name=self.name), metadata_field=["signature_def"])
+        request.model_spec.version.value = version
+        try:
+            response = self._metadata(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "GetModelMetadata") from None
+        defs = get_model_metadata_pb2.SignatureDefMap()
+        if not response.metadata["signature_def"].Unpack(defs):
+            raise UpstreamError(f"TF Serving at {self.address} answered metadata without a SignatureDefMap", 502)
+        return dict(defs.signature_def)
 
     def _call(self, request, count: int) -> tuple[dict[str, np.ndarray], Loaded]:
         try:

@@ -7,13 +7,16 @@ import io
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -30,8 +33,10 @@ AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_mode
 class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
     """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails."""
 
-    def __init__(self, signatures):
-        self.signatures = signatures
+    def __init__(self, uri):
+        self.signatures = tf.saved_model.load(uri).signatures
+        saved = saved_model_pb2.SavedModel.FromString((Path(uri) / "saved_model.pb").read_bytes())
+        self.signature_defs = saved.meta_graphs[0].signature_def
         self.reset()
 
     def reset(self, versions=None):
@@ -67,6 +72,12 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         if self.padding:
             response.outputs["padding"].CopyFrom(tf.make_tensor_proto(np.zeros(self.padding, np.uint8)))
         return response
+
+    def GetModelMetadata(self, request, context):
+        answer = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=request.model_spec)
+        answer.metadata["signature_def"].Pack(get_model_metadata_pb2.SignatureDefMap(
+            signature_def=self.signature_defs))
+        return answer
 
     def GetModelStatus(self, request, context):
         if request.model_spec.name != "cifar10":
@@ -105,8 +116,8 @@ def signature(signatures):
 
 
 @pytest.fixture(scope="module")
-def upstream(signatures):
-    fake = FakeTFServing(signatures)
+def upstream(exported):
+    fake = FakeTFServing(exported)
     server, port = start_server(fake)
     yield fake, port
     fake.release.set()
@@ -269,8 +280,8 @@ def test_a_slow_tf_serving_is_a_504(upstream, make_client):
     assert client.post("/v1/models/cifar10:predict", json={"instances": [PIXELS[0].tolist()]}).status_code == 200
 
 
-def test_tf_serving_gone_is_a_503_not_a_500(signatures, make_client):
-    fake = FakeTFServing(signatures)
+def test_tf_serving_gone_is_a_503_not_a_500(exported, make_client):
+    fake = FakeTFServing(exported)
     server, port = start_server(fake)
     try:
         client = make_client(port=port)
@@ -296,8 +307,6 @@ def tf_serving_rest(outputs):
 
 def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_through_both_backends(
         upstream, make_client, signatures, exported):
-    from pathlib import Path
-
     in_process = create_app(Settings(model_uri=str(Path(exported).parent), poll_seconds=0.2))
     try:
         local = in_process.test_client()
@@ -337,7 +346,8 @@ def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_throug
             assert got[0].data == got[1].data, path
         for path, status in [("/v1/models/cifar10/versions/1", 200), ("/v1/models/cifar10/versions/1/metadata", 200),
                              ("/v1/models/cifar10/versions/3", 404),
-                             ("/v1/models/cifar10/labels/canary/metadata", 404)]:
+                             ("/v1/models/cifar10/labels/canary/metadata", 404),
+                             ("/v2/models/cifar10", 200), ("/v2/models/cifar10/versions/3", 404)]:
             got = [client.get(path) for client in (local, remote)]
             assert [r.status_code for r in got] == [status, status] and got[0].data == got[1].data, path
         outputs = local.get("/v1/models/cifar10/metadata").get_json()[
@@ -356,7 +366,7 @@ def test_labels_through_tf_serving_are_the_models_own(tmp_path, make_client):
 
     names = [f"class {i}" for i in range(10)]
     uri = export.export(model.build("simple_cnn"), str(tmp_path), "cifar10", {}, PIXELS, class_names=names)[1]
-    fake = FakeTFServing(tf.saved_model.load(uri).signatures)
+    fake = FakeTFServing(uri)
     server, port = start_server(fake)
     try:
         client = make_client(port=port)
