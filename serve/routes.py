@@ -174,10 +174,15 @@ def v1_predict(name, version=None, label=None):
     if version is not None and served.version != version:  # swapped while this request waited
         abort(404, f"Servable not found for request: Specific({name}, {version})")
     outputs = {k: v.tolist() for k, v in _outputs(answered).items()}
+    headers = {"X-Model-Version": str(served.version)}
+    # TF Serving answers a signature with one output by its bare values, and several by name.
+    if len(outputs) == 1:
+        (values,) = outputs.values()
+        return jsonify({"outputs" if columnar else "predictions": values}), 200, headers
     if columnar:
-        return jsonify(outputs=outputs), 200, {"X-Model-Version": str(served.version)}
+        return jsonify(outputs=outputs), 200, headers
     predictions = [{k: v[i] for k, v in outputs.items()} for i in range(len(outputs["probabilities"]))]
-    return jsonify(predictions=predictions), 200, {"X-Model-Version": str(served.version)}
+    return jsonify(predictions=predictions), 200, headers
 
 
 # --- Open Inference Protocol v2 -------------------------------------------------

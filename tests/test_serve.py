@@ -22,6 +22,7 @@ from werkzeug.serving import make_server
 from conftest import free_port, url_ready, wait_until
 from job import export, model
 from serve.app import create_app
+from serve.backends import Loaded
 from serve.settings import Settings
 
 PIXELS = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
@@ -387,3 +388,24 @@ def test_serve_never_imports_job():
         if name.endswith(".py"):
             text = open(os.path.join(root, name)).read()
             assert "from job" not in text and "import job" not in text, name
+
+
+class OneOutput:
+    """A backend whose model has a single output, as versions exported before class_id and label were."""
+
+    def predict(self, images):
+        return {"probabilities": np.full((len(images), 10), 0.1, np.float32)}, self.status()
+
+    def status(self):
+        return Loaded(1, None, ())
+
+    def close(self):
+        pass
+
+
+def test_a_signature_with_one_output_answers_bare_values_as_tf_serving_does():
+    client = create_app(Settings(model_uri="/nowhere/cifar10"), backend=OneOutput()).test_client()
+    row = client.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:2].tolist()}).json
+    columns = client.post("/v1/models/cifar10:predict", json={"inputs": PIXELS[:2].tolist()}).json
+    expected = np.full((2, 10), 0.1, np.float32).tolist()
+    assert row == {"predictions": expected} and columns == {"outputs": expected}
