@@ -235,6 +235,7 @@ def v2_model_ready(name, version=None):
     return jsonify(name=name, ready=ready), 200 if ready else 503
 
 
+# An answer's arrays (numpy dtypes; strings are objects) as v2 datatypes.
 V2_DATATYPES = {"float32": "FP32", "int64": "INT64", "object": "BYTES"}
 # A SignatureDef's dtypes (tensorflow/core/framework/types.proto's numbers) as v2 datatypes.
 V2_FROM_TF = {1: "FP32", 2: "FP64", 3: "INT32", 4: "UINT8", 7: "BYTES", 9: "INT64", 10: "BOOL", 19: "FP16"}
