@@ -113,8 +113,7 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
     assert (version_dir / "saved_model.pb").is_file()
 
     # tfserving: the stand-in serves what the sync put in its model folder.
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    fake = FakeTFServing(signature)
+    fake = FakeTFServing(str(version_dir))
     server, port = start_server(fake)
 
     # serve: its compose environment, TF Serving's address swapped for the stand-in's.
@@ -132,7 +131,7 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
         pixels = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
         answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": pixels.tolist()}, timeout=30)
         assert answer.status_code == 200, answer.text
-        expected = signature(images=tf.constant(pixels))["probabilities"].numpy()
+        expected = fake.signatures["serving_default"](images=tf.constant(pixels))["probabilities"].numpy()
         np.testing.assert_allclose([p["probabilities"] for p in answer.json()["predictions"]], expected, atol=1e-6)
     finally:
         proc.send_signal(signal.SIGTERM)

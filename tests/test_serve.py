@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
-from conftest import free_port, url_ready, wait_until
+from conftest import free_port, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.backends import Loaded
@@ -358,8 +358,12 @@ def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "SERVE_POLL_SECONDS": "0.5"})
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        wait_until(lambda: url_ready(url + "/readyz"), timeout=90)
+        # /readyz is one worker's answer; until every worker has loaded the model
+        # (issue: ready means every worker), a request routed to another may get 503.
+        wait_until(lambda: sum("serving cifar10 version 1" in line for line in lines) == 2, timeout=90)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: requests.post(f"{url}/v1/models/cifar10:predict",
                                                             json={"instances": [PIXELS[0].tolist()]}), range(12)))
@@ -369,10 +373,11 @@ def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
             text = requests.get(url + "/metrics").text
             assert counted in text and "cifar_serve_model_version 1.0" in text
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0
+    out = wait_until(lambda: "".join(lines) if "Shutting down" in "".join(lines) else None, timeout=10)
     assert "gthread" in out and "request_id=" in out  # gunicorn's worker class and our access log
 
 
