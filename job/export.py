@@ -66,7 +66,7 @@ def _warmup_record(model_name: str) -> bytes:
 
 
 def write_saved_model(model, directory: Path, model_name: str, card: dict,
-                      class_names: Sequence[str] = CLASS_NAMES, probe: np.ndarray | None = None) -> None:
+                      class_names: Sequence[str] = CLASS_NAMES) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         labels = Path(tmp) / "labels.txt"
         # One name per line: a class folder's name may hold spaces.
@@ -79,11 +79,9 @@ def write_saved_model(model, directory: Path, model_name: str, card: dict,
     with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
         writer.write(_warmup_record(model_name))
     (extra / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
-    if probe is not None:
-        _write_probe_record(directory, probe)
 
 
-def _write_probe_record(directory: Path, probe: np.ndarray) -> None:
+def _write_probe_record(directory: Path, served, probe: np.ndarray) -> None:
     """`assets.extra/probe_images.npy` and `probe_outputs.npz`: what the service checks a
     version against before serving it.
 
@@ -92,7 +90,7 @@ def _write_probe_record(directory: Path, probe: np.ndarray) -> None:
     pick other kernels (see `verify`), which would eat into the service's
     tolerance for no reason. `verify` separately holds the graph to the model.
     """
-    outputs = tf.saved_model.load(str(directory)).signatures[SIGNATURE](images=tf.constant(probe, tf.uint8))
+    outputs = served(images=tf.constant(probe, tf.uint8))
     extra = directory / "assets.extra"
     np.save(extra / "probe_images.npy", np.asarray(probe, np.uint8))
     # Strings as unicode arrays: an object array would need pickle to read back.
@@ -101,7 +99,8 @@ def _write_probe_record(directory: Path, probe: np.ndarray) -> None:
         for name, value in outputs.items()})
 
 
-def verify(model, directory: Path, probe: np.ndarray) -> None:
+def verify(model, directory: Path, probe: np.ndarray):
+    """Hold the written SavedModel to the trained model; return its serving signature."""
     expected = tf.nn.softmax(tf.cast(model(probe, training=False), tf.float32)).numpy()
     loaded = tf.saved_model.load(str(directory)).signatures[SIGNATURE]
     got = loaded(images=tf.constant(probe))["probabilities"].numpy()
@@ -112,6 +111,7 @@ def verify(model, directory: Path, probe: np.ndarray) -> None:
     if not np.allclose(got, expected, rtol=0, atol=tolerance):
         raise JobError(f"export check failed: the reloaded SavedModel differs from the trained model "
                        f"by up to {np.abs(got - expected).max():.3g}; nothing was published")
+    return loaded
 
 
 def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarray,
@@ -120,8 +120,9 @@ def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarra
     base = storage.join(export_uri, model_name)
     backend = storage.backend(export_uri)
     staged = backend.staging(base)
-    write_saved_model(model, staged, model_name, card, class_names, probe)
-    verify(model, staged, probe)
+    write_saved_model(model, staged, model_name, card, class_names)
+    # One load of the written model serves both the check and the probe record.
+    _write_probe_record(staged, verify(model, staged, probe), probe)
     version = 1 + max((int(n) for n in backend.published(base) if n.isdigit()), default=0)
     while True:
         try:

@@ -21,7 +21,7 @@ def fetch(cfg: Config, console: Console, to: str | None = None) -> dict | None:
     `to` already holds an object and so nothing was fetched."""
     if to is not None:
         store = _destination(cfg, to)
-        # Checked first: a second `docker compose up` must not download 160 MB to learn it had no need.
+        # Checked first: a second `docker compose up` must not download 170 MB to learn it had no need.
         if store.exists(to):
             console.info(f"{to} already holds an object: nothing downloaded or uploaded")
             return None
