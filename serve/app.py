@@ -94,16 +94,6 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         # The access log line (with this request id) is gunicorn's: see gunicorn_conf.access_log_format.
         return response
 
-    @app.after_request
-    def _why_not_ready(response):
-        # Readiness waits on the backend's rollout checks (a pinned version not
-        # there yet, refused versions): the body says which, for whoever
-        # looks at a pod that never becomes ready.
-        reason = getattr(app.extensions["predictor"].backend, "waiting_for", None)
-        if request.path == "/readyz" and response.status_code == 503 and reason:
-            response.set_data(app.json.dumps({**response.get_json(), "reason": reason}))
-        return response
-
     @app.errorhandler(BadInput)
     def _bad_input(exc):
         return jsonify(error=str(exc)), 400

@@ -75,7 +75,12 @@ def healthz():
 def readyz():
     loaded = _loaded()
     if loaded is None:
-        return jsonify(status="not ready", model=current_app.extensions["settings"].name), 503
+        # Readiness may wait on the backend's rollout checks (a pinned version
+        # not there yet, refused versions): the body says which, for whoever
+        # looks at a pod that never becomes ready.
+        reason = getattr(current_app.extensions["predictor"].backend, "waiting_for", None)
+        return jsonify(status="not ready", model=current_app.extensions["settings"].name,
+                       **({"reason": reason} if reason else {})), 503
     return jsonify(status="ready", model=current_app.extensions["settings"].name, version=loaded.version)
 
 
