@@ -37,10 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sync"]:
         return sync_main(argv[1:])
+    if argv[:1] == ["conformance"]:
+        from serve import conformance
+
+        return conformance.main(argv[1:])
     if argv[:1] == ["serve"]:  # how SageMaker starts an inference container: `docker run IMAGE serve`
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="cifar-serve", description="Serve the exported CIFAR-10 model over HTTP.",
-                                     epilog="`cifar-serve sync --help`: mirror versions for TF Serving.")
+                                     epilog="`cifar-serve sync --help`: mirror versions for TF Serving; "
+                                            "`cifar-serve conformance --help`: check a server's TF Serving "
+                                            "and v2 answers.")
     parser.add_argument("--model-uri", help="<export.uri>/<model_name>, local or s3:// (env SERVE_MODEL_URI)")
     parser.add_argument("--port", type=int, help="port (env SERVE_PORT, default 8080)")
     parser.add_argument("--host", help="address to bind (env SERVE_HOST, default 0.0.0.0)")
