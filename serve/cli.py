@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="threads per worker (env SERVE_THREADS, default 16)")
     parser.add_argument("--debug", action="store_const", const=True,
                         help="keep TensorFlow's start-up and warning lines in the log (env SERVE_DEBUG)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="json: one JSON object per log line (env SERVE_LOG_FORMAT, default text)")
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         if value is not None:
@@ -75,12 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     if settings.backend == "inprocess" and not settings.model_uri:
         print("cifar-serve: error: --model-uri (or SERVE_MODEL_URI) is required", file=sys.stderr)
         return 2
-    print(f"cifar-serve: {settings.model_dump_json(exclude={'api_keys'})}", file=sys.stderr, flush=True)
     import logging
 
-    # Set in the master, inherited by the workers it forks: the service's own
-    # lines (which version is served, refresh failures) next to gunicorn's.
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    if settings.log_format == "json":
+        from serve import logs
+
+        logs.configure()
+        logging.getLogger("serve").info("cifar-serve settings",
+                                        extra={"settings": settings.model_dump(mode="json", exclude={"api_keys"})})
+    else:
+        print(f"cifar-serve: {settings.model_dump_json(exclude={'api_keys'})}", file=sys.stderr, flush=True)
+        # Set in the master, inherited by the workers it forks: the service's own
+        # lines (which version is served, refresh failures) next to gunicorn's.
+        logging.basicConfig(level=logging.INFO,
+                            format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]

@@ -25,6 +25,12 @@ keepalive = 5
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
 errorlog = "-"
+if _settings.log_format == "json":
+    from serve import logs
+
+    # Also here, not only in cifar-serve: `gunicorn -c serve/gunicorn_conf.py` starts without it.
+    logs.configure()
+    logconfig_dict, logger_class = logs.CONFIG, logs.AccessLogger
 
 
 def post_fork(server, worker):

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     keep_previous: bool = False
     # TensorFlow's own start-up lines (CUDA probes, oneDNN notices) in the log.
     debug: bool = False
+    # json: every log line (ours, gunicorn's, access lines) one JSON object, for
+    # log pipelines that index fields instead of parsing text.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
