@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from serve import backends, metrics
-from serve.batching import Batcher, Overloaded
+from serve.batching import Batcher, Overloaded, request_ids
 from serve.images import BadInput
 from serve.jsonio import OrjsonProvider
 from serve.settings import Settings
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         # A client's id is echoed in a header and the log: printable ASCII only, so it can split neither.
         given = "".join(c for c in request.headers.get("X-Request-ID", "")[:128] if " " < c < "\x7f")
         g.request_id = given or uuid.uuid4().hex
+        request_ids.set((g.request_id,))  # for the model call, which may run on the batcher's thread
         if settings.api_keys and request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
             given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix(
                 "Bearer ")

@@ -9,8 +9,16 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextvars import ContextVar
 
 import numpy as np
+
+
+# The ids of the requests whose images the model call running now holds, for
+# a backend that passes them on (TF Serving's gRPC metadata). The app sets one
+# per request on the request's thread; a batch runs on the batcher's thread,
+# which no request's context reaches, so the batcher sets every id of the batch there.
+request_ids: ContextVar[tuple[str, ...]] = ContextVar("request_ids", default=())
 
 
 class Overloaded(Exception):
@@ -35,7 +43,7 @@ class Batcher:
             return self.run(images)
         future: Future = Future()
         try:
-            self._queue.put_nowait((images, future))
+            self._queue.put_nowait((images, future, request_ids.get()))
         except queue.Full:
             raise Overloaded("the server is at capacity; retry shortly") from None
         try:
@@ -64,20 +72,21 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list) -> None:
-        live = [(images, f) for images, f in batch if f.set_running_or_notify_cancel()]
+        live = [item for item in batch if item[1].set_running_or_notify_cancel()]
         if not live:
             return
+        request_ids.set(tuple(i for _, _, ids in live for i in ids))
         try:
-            images = np.concatenate([images for images, _ in live])
+            images = np.concatenate([images for images, _, _ in live])
             self.on_batch(len(images))
             outputs, info = self.run(images)
         except Exception as exc:  # handed to every waiting request, which maps it to a status;
             # the batcher thread itself must outlive any one batch
-            for _, f in live:
+            for _, f, _ in live:
                 f.set_exception(exc)
             return
         start = 0
-        for part, f in live:
+        for part, f, _ in live:
             end = start + len(part)
             # A signature's outputs by name, each sliced alike; or one array.
             f.set_result(({k: v[start:end] for k, v in outputs.items()} if isinstance(outputs, dict)

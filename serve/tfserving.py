@@ -20,6 +20,7 @@ from tensorflow_serving.apis import (
 )
 
 from serve.backends import CLASS_NAMES, Loaded, UpstreamError
+from serve.batching import request_ids
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -34,6 +35,11 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DT_UINT8, DT_FLOAT, DT_STRING, DT_INT64 = 4, 1, 7, 9  # tensorflow/core/framework/types.proto
 # How each output dtype is read: from tensor_content as this numpy dtype, or else from this repeated field.
 READ = {DT_FLOAT: ("<f4", "float_val"), DT_INT64: ("<i8", "int64_val"), DT_STRING: (object, "string_val")}
+
+# gRPC servers begin refusing calls whose metadata exceeds 8 KiB (grpc.max_metadata_size,
+# sized as HTTP/2 sizes headers: name + value + 32 bytes an entry); a batch's
+# request ids stop at half that, since a large batch of long ids could pass it.
+MAX_ID_BYTES = 4096
 
 # What each gRPC failure means for our clients: TF Serving down or the model
 # not loaded (yet) is a 503 worth retrying; too slow is a 504; anything else
@@ -75,6 +81,23 @@ class TFServing:
             message += f": {details.splitlines()[0][:200]}"  # its first line only: no upstream traces
         return UpstreamError(message, HTTP_STATUS.get(code, 502))
 
+    @staticmethod
+    def _request_ids() -> tuple[tuple[str, str], ...]:
+        """The ids of the requests behind this call as gRPC metadata, so that what
+        TF Serving's side sees (a proxy, a tracing interceptor) can be matched
+        with our log. A batch holds several requests: one `x-request-id`
+        entry each, as gRPC lets a key repeat, rather than one joined value, since
+        a client's id may hold any separator. Past MAX_ID_BYTES the rest are left
+        out: a diagnostic aid must not fail the call. None for the status poll,
+        which no request asked for."""
+        entries, size = [], 0
+        for request_id in dict.fromkeys(request_ids.get()):
+            size += len("x-request-id") + len(request_id) + 32
+            if size > MAX_ID_BYTES:
+                break
+            entries.append(("x-request-id", request_id))
+        return tuple(entries)
+
     def predict(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], Loaded]:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         request = predict_pb2.PredictRequest(
@@ -103,7 +126,7 @@ class TFServing:
             model_spec=model_pb2.ModelSpec(name=self.name), metadata_field=["signature_def"])
         request.model_spec.version.value = version
         try:
-            response = self._metadata(request, timeout=self.timeout)
+            response = self._metadata(request, timeout=self.timeout, metadata=self._request_ids())
         except grpc.RpcError as exc:
             raise self._error(exc, "GetModelMetadata") from None
         defs = get_model_metadata_pb2.SignatureDefMap()
@@ -113,7 +136,7 @@ class TFServing:
 
     def _call(self, request, count: int) -> tuple[dict[str, np.ndarray], Loaded]:
         try:
-            response = self._predict(request, timeout=self.timeout)
+            response = self._predict(request, timeout=self.timeout, metadata=self._request_ids())
         except grpc.RpcError as exc:
             raise self._error(exc, "Predict") from None
         outputs = self._outputs(response, count)
@@ -160,7 +183,7 @@ class TFServing:
     def refresh(self) -> None:
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=self.name))
         try:
-            response = self._status(request, timeout=self.timeout)
+            response = self._status(request, timeout=self.timeout, metadata=self._request_ids())
         except grpc.RpcError as exc:
             if self._stop.is_set():  # close() cancelled this poll
                 return

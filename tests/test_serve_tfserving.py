@@ -3,6 +3,7 @@ tensorflow-serving-api's own service definitions, answering with a real
 exported SavedModel, through the real Flask app."""
 
 import base64
+import contextvars
 import io
 import threading
 import time
@@ -24,6 +25,7 @@ from tensorflow_serving.apis import (
 )
 
 from serve.app import create_app
+from serve.batching import request_ids
 from serve.settings import Settings
 
 PIXELS = np.random.default_rng(7).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
@@ -31,7 +33,8 @@ AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_mode
 
 
 class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
-    """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails."""
+    """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails;
+    `.request_ids` records each call's `x-request-id` metadata, as (method, [ids])."""
 
     def __init__(self, uri):
         self.signatures = tf.saved_model.load(uri).signatures
@@ -46,8 +49,13 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         self.float_val = False  # answer in float_val instead of tensor_content
         self.padding = 0  # bytes of an extra output, to make the answer large
         self.release = threading.Event()  # ends a delay early, so teardown never waits on it
+        self.request_ids: list[tuple[str, list[str]]] = []
+
+    def record(self, method, context):
+        self.request_ids.append((method, [v for k, v in context.invocation_metadata() if k == "x-request-id"]))
 
     def Predict(self, request, context):
+        self.record("Predict", context)
         if self.delay:
             self.release.wait(self.delay)
         if self.fail:
@@ -74,12 +82,14 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         return response
 
     def GetModelMetadata(self, request, context):
+        self.record("GetModelMetadata", context)
         answer = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=request.model_spec)
         answer.metadata["signature_def"].Pack(get_model_metadata_pb2.SignatureDefMap(
             signature_def=self.signature_defs))
         return answer
 
     def GetModelStatus(self, request, context):
+        self.record("GetModelStatus", context)
         if request.model_spec.name != "cifar10":
             context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request.model_spec.name}")
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
@@ -219,6 +229,51 @@ def test_v2_infer_json(make_client, signature):
     class_id, label, probabilities = (o["data"] for o in body["outputs"])
     assert class_id == own["class_id"].numpy().tolist() and label == [v.decode() for v in own["label"].numpy()]
     np.testing.assert_array_equal(np.array(probabilities, np.float32).reshape(3, 10), own["probabilities"].numpy())
+
+
+def test_request_ids_reach_tf_serving_as_grpc_metadata_every_id_of_a_batch(upstream, make_client):
+    fake, _ = upstream
+    # Long enough for requests sent together to share one batch, on the batcher's thread.
+    client = make_client(batch_timeout_ms=300)
+    wait_for(client, "/readyz", 200)
+    assert client.get("/v1/models/cifar10/metadata", headers={"X-Request-ID": "meta-1"}).status_code == 200
+    response = client.post("/v1/models/cifar10:predict", headers={"X-Request-ID": "abc"},
+                           json={"instances": [PIXELS[0].tolist()]})
+    assert response.status_code == 200 and response.headers["X-Request-ID"] == "abc"
+    assert ("GetModelMetadata", ["meta-1"]) in fake.request_ids and ("Predict", ["abc"]) in fake.request_ids
+
+    fake.request_ids.clear()
+    ids = [f"batch-{i}" for i in range(4)]
+    start = threading.Barrier(len(ids))
+
+    def send(request_id):
+        start.wait()
+        return client.application.test_client().post(
+            "/v1/models/cifar10:predict", headers={"X-Request-ID": request_id},
+            json={"instances": [PIXELS[0].tolist()]}).status_code
+
+    with futures.ThreadPoolExecutor(len(ids)) as pool:
+        assert list(pool.map(send, ids)) == [200] * len(ids)
+    predicts = [sent for method, sent in fake.request_ids if method == "Predict"]
+    assert sorted(i for sent in predicts for i in sent) == ids and max(map(len, predicts)) > 1
+    # The status poll answers no request: it carries no id.
+    assert all(not sent for method, sent in fake.request_ids if method == "GetModelStatus")
+
+
+def test_a_batch_of_many_long_request_ids_still_goes_through(upstream, make_client):
+    """gRPC starts refusing metadata over 8 KiB; the ids past the backend's budget are left out, not the call."""
+    fake, _ = upstream
+    backend = make_client().application.extensions["predictor"].backend
+    ids = tuple(f"{i:03d}" + "x" * 125 for i in range(256))
+
+    def predict():
+        request_ids.set(ids)
+        return backend.predict(np.repeat(PIXELS[:1], len(ids), axis=0))
+
+    outputs, _ = contextvars.copy_context().run(predict)
+    assert len(outputs["probabilities"]) == len(ids)
+    sent = [sent for method, sent in fake.request_ids if method == "Predict"][-1]
+    assert 0 < len(sent) < len(ids) and sent == list(ids[:len(sent)])
 
 
 def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signature):
