@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from importlib.metadata import version as package_version
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ v2 = Blueprint("v2", __name__)
 upload = Blueprint("upload", __name__)
 sagemaker = Blueprint("sagemaker", __name__)
 pages = Blueprint("pages", __name__, static_folder="static")
+# Swagger UI's dist files as the swagger-ui-py wheel ships them (its framework glue unused), under /docs/;
+# nested in the pages so that registering the pages brings them.
+swagger_ui = Blueprint("docs", __name__, static_url_path="/docs",
+                       static_folder=Path(find_spec("swagger_ui").submodule_search_locations[0]) / "static")
+pages.register_blueprint(swagger_ui)
 SERVER_VERSION = package_version("cifar10-pipeline")
 
 
@@ -386,5 +392,10 @@ def prometheus():
 
 @pages.get("/openapi.json")
 def openapi():
-    return jsonify(schemas.openapi(current_app.extensions["settings"].name))
+    return jsonify(schemas.openapi(current_app))
+
+
+@pages.get("/docs")
+def docs():
+    return pages.send_static_file("docs.html")
 

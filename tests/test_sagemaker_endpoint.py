@@ -152,8 +152,3 @@ def test_serve_as_first_argument_is_accepted(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["serve", "--help"])
     assert exited.value.code == 0 and "--model-uri" in capsys.readouterr().out
-
-
-def test_openapi_lists_the_sagemaker_routes(client):
-    paths = client.get("/openapi.json").json["paths"]
-    assert "get" in paths["/ping"] and "415" in paths["/invocations"]["post"]["responses"]

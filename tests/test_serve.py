@@ -234,15 +234,12 @@ def test_instances_over_the_limit_are_refused(base):
     assert answer.status_code == 400 and "at most 2" in answer.json["error"]
 
 
-def test_metrics_and_openapi(client):
+def test_metrics_and_the_page(client):
     client.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:2].tolist()})
     text = client.get("/metrics").get_data(as_text=True)
     assert 'cifar_serve_requests_total{method="POST",route="/v1/models/<model:name>:predict",status="200"}' in text
     assert "cifar_serve_request_seconds_bucket" in text and "cifar_serve_batch_size_bucket" in text
     assert "cifar_serve_model_version 1.0" in text
-    spec = client.get("/openapi.json").json
-    assert spec["openapi"].startswith("3.") and "/v1/models/cifar10:predict" in spec["paths"]
-    assert set(spec["components"]["schemas"]) >= {"PredictRequest", "PredictResponse", "V2InferRequest", "Error"}
     assert b"<input" in client.get("/").data
 
 
