@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import hmac
 import logging
+import threading
 import time
 import uuid
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     app.json.sort_keys = False
     app.extensions["predictor"] = Predictor(settings, backend)
     app.extensions["settings"] = settings
+    app.extensions["draining"] = threading.Event()  # set on SIGTERM by serve/workers.py
     if settings.cors_origins:
         CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 
 def sync_main(argv: list[str]) -> int:
@@ -94,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]
-    # Each worker counts in files here and /metrics sums them; a fresh folder
-    # (unless one is given), so nothing from an earlier run is counted again.
-    with tempfile.TemporaryDirectory(prefix="cifar-serve-metrics-") as counts:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", counts)
-        run()
+    run()
     return 0
 
 

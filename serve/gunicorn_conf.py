@@ -6,21 +6,26 @@ one process runs on one core at a time. The app is built in each worker
 after fork (no preload), so TensorFlow is never loaded in the master.
 """
 
+import math
 import os
+import shutil
+import tempfile
 
+from serve import rollout
 from serve.settings import Settings
 
 _settings = Settings()
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
+worker_class = "serve.workers.Worker"
 threads = _settings.threads
 preload_app = False
 wsgi_app = "serve.app:create_app()"
 # Model calls can take a while on a busy CPU; the per-request timeout is the app's.
 timeout = int(_settings.request_timeout_s) + 30
-graceful_timeout = 30  # SIGTERM: stop accepting, finish in-flight requests
+# SIGTERM: each worker drains, then stops accepting and finishes what is in flight (serve/workers.py).
+graceful_timeout = math.ceil(_settings.drain_seconds + _settings.graceful_timeout)
 keepalive = 5
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
@@ -33,6 +38,29 @@ if _settings.log_format == "json":
     logconfig_dict, logger_class = logs.CONFIG, logs.AccessLogger
 
 
+_made: list[str] = []
+
+
+def on_starting(server):
+    # Folders the workers share, made in the master (a worker's exit must not
+    # take them with it) and fresh, so nothing of an earlier run is seen:
+    # where they agree on the version they answer with (serve/rollout.py),
+    # and where each counts for /metrics (unless a folder is given).
+    os.environ["SERVE_STATE_DIR"] = _made_dir("cifar-serve-state-")
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _made_dir("cifar-serve-metrics-")
+
+
+def _made_dir(prefix: str) -> str:
+    _made.append(tempfile.mkdtemp(prefix=prefix))
+    return _made[-1]
+
+
+def on_exit(server):
+    for path in _made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def post_fork(server, worker):
     if not _settings.debug:
         from common.tfquiet import import_tensorflow_quietly
@@ -41,6 +69,8 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
+    # A dead worker holds no switch back (a new one registers before it loads).
+    rollout.worker_file(os.environ["SERVE_STATE_DIR"], worker.pid).unlink(missing_ok=True)
     # A dead worker's gauges leave the sums; its counters stay counted.
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         from prometheus_client import multiprocess

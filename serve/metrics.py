@@ -24,6 +24,10 @@ MODEL_REFRESH_FAILURES = Counter("cifar_serve_model_refresh_failures_total",
 # export's record; "accuracy": below SERVE_MIN_ACCURACY), counted once per version.
 MODEL_VERSIONS_REFUSED = Counter("cifar_serve_model_versions_refused_total",
                                  "model versions refused by a rollout check", ["reason"])
+# Switches of the version the whole service answers with, counted once by the
+# worker that made it: "forward" to a newer version, "back" to an older one.
+MODEL_SWITCHES = Counter("cifar_serve_model_switches_total", "switches of the served model version",
+                         ["direction"])
 MODEL_VERSION = Gauge("cifar_serve_model_version", "the model version last used to answer",
                       multiprocess_mode="livemostrecent")
 

@@ -79,15 +79,17 @@ def healthz():
 @health.get("/readyz")
 @health.get("/ping")  # SageMaker's health check, which reads only the status
 def readyz():
-    loaded = _loaded()
-    if loaded is None:
-        # Readiness may wait on the backend's rollout checks (a pinned version
-        # not there yet, refused versions): the body says which, for whoever
-        # looks at a pod that never becomes ready.
+    name, loaded = current_app.extensions["settings"].name, _loaded()
+    if loaded is not None and not current_app.extensions["draining"].is_set():
+        return jsonify(status="ready", model=name, version=loaded.version)
+    # Readiness may wait on the backend's rollout checks (a pinned version not
+    # there yet, refused versions) or on a shutdown: the body says which, for
+    # whoever looks at a pod that never becomes ready.
+    if current_app.extensions["draining"].is_set():
+        reason = "shutting down: finishing what was already sent"
+    else:
         reason = getattr(current_app.extensions["predictor"].backend, "waiting_for", None)
-        return jsonify(status="not ready", model=current_app.extensions["settings"].name,
-                       **({"reason": reason} if reason else {})), 503
-    return jsonify(status="ready", model=current_app.extensions["settings"].name, version=loaded.version)
+    return jsonify(status="not ready", model=name, **({"reason": reason} if reason else {})), 503
 
 
 # --- TF Serving REST ----------------------------------------------------------
@@ -205,7 +207,7 @@ def v2_live():
 
 @v2.get("/v2/health/ready")
 def v2_ready():
-    ready = _loaded() is not None
+    ready = _loaded() is not None and not current_app.extensions["draining"].is_set()
     return jsonify(ready=ready), 200 if ready else 503
 
 

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     # Keep the version served before the current one loaded (twice the memory), so that
     # withdrawing the current one from the model base rolls back without a load.
     keep_previous: bool = False
+    # Shutdown, for a load balancer: on SIGTERM /readyz answers 503 at once while
+    # the service keeps answering (and closing kept-alive connections) for
+    # drain_seconds, so the balancer stops sending; then requests in flight
+    # get graceful_timeout to finish before the workers are killed.
+    drain_seconds: float = Field(5.0, ge=0)
+    graceful_timeout: float = Field(30.0, gt=0)
+    # The folder through which the workers agree on the version they answer
+    # with (serve/rollout.py). gunicorn's master sets it for its workers;
+    # unset, a process keeps a private one.
+    state_dir: str | None = None
     # TensorFlow's own start-up lines (CUDA probes, oneDNN notices) in the log.
     debug: bool = False
     # json: every log line (ours, gunicorn's, access lines) one JSON object, for

@@ -137,9 +137,9 @@ def test_withdrawing_the_served_version_rolls_back_to_the_warm_previous_one(tmp_
     client = client_for(base, keep_previous=True)
     backend = APPS[-1].extensions["predictor"].backend
     wait_until(lambda: client.get("/readyz").status_code == 200)
-    first = backend.current
+    first = backend.status()
     publish(base, net)
     wait_until(lambda: client.get("/readyz").json["version"] == 2)
     shutil.rmtree(base / "2")
     wait_until(lambda: client.get("/readyz").json["version"] == 1)
-    assert backend.current is first  # the same loaded model: nothing was loaded again
+    assert backend.status() is first  # the same loaded model: nothing was loaded again

@@ -1,0 +1,206 @@
+"""The service as a load balancer sees it, through the real `cifar-serve`
+under gunicorn with several workers: ready means every worker, a restarted
+worker takes no request before it can answer, versions switch for all
+workers at once and never go backwards, and SIGTERM loses no request."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import free_port, url_ready, wait_until
+from job import export, model
+from serve import rollout
+
+PIXELS = np.random.default_rng(5).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+BODY = json.dumps({"instances": PIXELS.tolist()})
+
+
+@pytest.fixture(scope="module")
+def net():
+    return model.build("simple_cnn")
+
+
+def publish(base, net) -> int:
+    """Export the next version and make it appear whole, as the job does."""
+    staging = base.parent / "staging"
+    version, path = export.export(net, str(staging), base.name, {"test_accuracy": 0.9}, PIXELS)
+    base.mkdir(exist_ok=True)
+    number = 1 + max((int(p.name) for p in base.iterdir()), default=0)
+    os.rename(path, base / str(number))
+    return number
+
+
+class Service:
+    """`cifar-serve` as a subprocess, its output collected."""
+
+    def __init__(self, base, workers, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(self.port),
+             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "SERVE_POLL_SECONDS": "0.3", **env})
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def predict(self) -> tuple[int, str | None]:
+        """One request on a connection of its own, as from a load balancer: (status, version)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/models/cifar10:predict", BODY, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status, answer.getheader("X-Model-Version")
+        finally:
+            conn.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def service():
+    started = []
+
+    def start(*args, **env):
+        started.append(Service(*args, **env))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path, net, service):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    svc = service(base, 4)
+    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: svc.predict(), range(160)))
+    assert answers == [(200, "1")] * 160
+    # Four workers loaded it; one switch made it the service's version.
+    out = svc.output()
+    assert out.count("version 1 loaded in this worker") == 4
+    assert out.count("every worker switched") == 1
+
+
+def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, net, service):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    # gunicorn restarts each worker after 15 to 20 requests: every few requests a worker is loading.
+    svc = service(base, 2, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 5")
+    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    answers = [svc.predict() for _ in range(120)]
+    assert answers == [(200, "1")] * 120
+    assert svc.output().count("Autorestarting worker") >= 4
+
+
+def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    svc = service(base, 3)
+    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    answers = []  # (sent, answered, status, version)
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            sent = time.monotonic()
+            status, version = svc.predict()
+            answers.append((sent, time.monotonic(), status, version))
+
+    clients = [threading.Thread(target=client) for _ in range(6)]
+    for c in clients:
+        c.start()
+    time.sleep(1)
+    publish(base, net)
+    wait_until(lambda: any(a[3] == "2" for a in answers), timeout=120)
+    time.sleep(1)
+    stop.set()
+    for c in clients:
+        c.join()
+    assert {a[2] for a in answers} == {200}
+    first_new = min(answered for _, answered, _, version in answers if version == "2")
+    # No request sent after any client had an answer from version 2 was answered by version 1.
+    late = [a for a in answers if a[0] > first_new and a[3] != "2"]
+    assert not late and sum(a[3] == "1" for a in answers) > 0
+    switches = re.findall(r"every worker switched from (.*) to version (\d+)", svc.output())
+    assert switches == [("no version", "1"), ("version 1", "2")]
+    metrics = http.client.HTTPConnection("127.0.0.1", svc.port)
+    metrics.request("GET", "/metrics")
+    assert 'cifar_serve_model_switches_total{direction="forward"} 2.0' in metrics.getresponse().read().decode()
+
+
+def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_request(tmp_path, net, service):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    svc = service(base, 2, SERVE_DRAIN_SECONDS="2")
+    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    answers, failures = [], []
+    not_ready = threading.Event()  # what a load balancer learns from /readyz
+
+    def balancer():
+        while not not_ready.is_set():
+            if not url_ready(svc.url + "/readyz"):
+                not_ready.set()
+            time.sleep(0.2)
+
+    def client():
+        while not not_ready.is_set():
+            try:
+                answers.append(svc.predict()[0])
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=balancer)] + [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(answers) > 20)
+    signalled = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=60)
+    assert svc.proc.wait(timeout=60) == 0
+    # Every request sent, including those in flight at the signal, was answered.
+    assert not failures and set(answers) == {200}
+    # The drain kept answering for its 2 s after readiness went.
+    assert time.monotonic() - signalled >= 2
+    assert "draining: not ready" in svc.output()
+
+
+def test_a_switch_waits_for_every_live_worker_and_is_made_once(tmp_path):
+    state = tmp_path / "state"
+    me = rollout.Rollout(str(state))
+    other = subprocess.Popen(["sleep", "60"])  # another live worker, still loading
+    try:
+        rollout._write(rollout.worker_file(state, other.pid), {"holds": [], "target": None})
+        rollout._write(rollout.worker_file(state, 999_999_999), {"holds": [], "target": None})  # long dead
+        me.publish(holds=[1], target=1)
+        assert me.try_switch() is None and me.active() is None
+        rollout._write(rollout.worker_file(state, other.pid), {"holds": [1], "target": 1})
+        assert me.try_switch() == (None, rollout.Active(1, 1))
+        assert me.try_switch() is None  # counted once, however many workers see the agreement
+        # Workers that disagree (one has version 2 ready, the other not yet) switch nothing.
+        me.publish(holds=[1, 2], target=2)
+        assert me.try_switch() is None and me.active() == rollout.Active(1, 1)
+        rollout._write(rollout.worker_file(state, other.pid), {"holds": [1, 2], "target": 2})
+        assert me.try_switch() == (rollout.Active(1, 1), rollout.Active(2, 2))
+    finally:
+        other.kill()
+        other.wait()
