@@ -43,6 +43,15 @@ def test_compose_topology():
     assert "curl" not in json.dumps(services["tfserving"]["healthcheck"])  # the official image has none
 
 
+def test_compose_gives_the_service_time_to_drain_before_it_is_killed():
+    from serve.settings import Settings
+
+    serve = compose_config()["services"]["serve"]
+    seconds = serve["stop_grace_period"]
+    assert seconds.endswith("s")
+    assert float(seconds[:-1]) > Settings().drain_seconds + Settings().graceful_timeout
+
+
 def test_compose_commands_match_the_code(tmp_path):
     services = compose_config()["services"]
     # The training command resolves the shipped config (check-config runs the same parser and validation).

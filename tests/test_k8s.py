@@ -146,3 +146,17 @@ def test_every_compose_service_that_reads_s3_reaches_minio():
             assert env.get("AWS_SECRET_ACCESS_KEY") == minio["MINIO_ROOT_PASSWORD"], name
             checked.add(name)
     assert {"dataset", "train", "model-sync"} <= checked
+
+
+def test_a_serve_pod_is_given_time_to_drain_before_it_is_killed():
+    from serve.settings import Settings
+
+    (deployment, _) = docs("serve.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = Settings(drain_seconds=env["SERVE_DRAIN_SECONDS"], graceful_timeout=env["SERVE_GRACEFUL_TIMEOUT"])
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and settings.drain_seconds > 0
+    # Kubernetes counts the grace period from the preStop hook's start.
+    assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + settings.drain_seconds + settings.graceful_timeout
