@@ -6,6 +6,7 @@ which version they serve."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -131,9 +132,10 @@ class InProcess:
             loaded = self._load(version)
         except checks.Refused as exc:
             self._refused[version] = stamp
-            metrics.MODEL_VERSIONS_REFUSED.labels(exc.reason).inc()
             self.waiting_for = f"version {version} refused: {exc}"
-            log.error("refused %s version %d (%s): %s", self.name, version, exc.reason, exc)
+            if self.rollout.first_to_tell(f"refused-{version}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"):
+                metrics.MODEL_VERSIONS_REFUSED.labels(exc.reason).inc()
+                log.error("refused %s version %d (%s): %s", self.name, version, exc.reason, exc)
             return False
         self.held = {**self.held, version: loaded}
         # TensorFlow and a loaded model leave ~340k objects for the garbage

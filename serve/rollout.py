@@ -80,6 +80,15 @@ class Rollout:
             _write(self.dir / ACTIVE, {"version": after.version, "switches": after.switches})
             return before, self.active()
 
+    def first_to_tell(self, event: str) -> bool:
+        """True for the one worker that reports `event` (a refused version, say),
+        so the service logs and counts it once, not once per worker."""
+        try:
+            os.close(os.open(self.dir / f"told-{event}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
     def leave(self) -> None:
         if self._own:
             shutil.rmtree(self.dir, ignore_errors=True)

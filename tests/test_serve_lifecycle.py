@@ -30,10 +30,16 @@ def net():
     return model.build("simple_cnn")
 
 
-def publish(base, net) -> int:
-    """Export the next version and make it appear whole, as the job does."""
+def publish(base, net, tamper=False) -> int:
+    """Export the next version and make it appear whole, as the job does;
+    `tamper` changes its probe record, as a version whose answers changed."""
     staging = base.parent / "staging"
     version, path = export.export(net, str(staging), base.name, {"test_accuracy": 0.9}, PIXELS)
+    if tamper:
+        record = os.path.join(path, "assets.extra", "probe_outputs.npz")
+        with np.load(record) as saved:
+            outputs = dict(saved)
+        np.savez(record, **{**outputs, "probabilities": outputs["probabilities"] + 0.01})
     base.mkdir(exist_ok=True)
     number = 1 + max((int(p.name) for p in base.iterdir()), default=0)
     os.rename(path, base / str(number))
@@ -129,22 +135,28 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
     for c in clients:
         c.start()
     time.sleep(1)
+    publish(base, net, tamper=True)  # version 2: refused by every worker, told once
+    wait_until(lambda: "refused cifar10 version 2" in svc.output(), timeout=120)
     publish(base, net)
-    wait_until(lambda: any(a[3] == "2" for a in answers), timeout=120)
+    wait_until(lambda: any(a[3] == "3" for a in answers), timeout=120)
     time.sleep(1)
     stop.set()
     for c in clients:
         c.join()
     assert {a[2] for a in answers} == {200}
-    first_new = min(answered for _, answered, _, version in answers if version == "2")
-    # No request sent after any client had an answer from version 2 was answered by version 1.
-    late = [a for a in answers if a[0] > first_new and a[3] != "2"]
+    first_new = min(answered for _, answered, _, version in answers if version == "3")
+    # No request sent after any client had an answer from version 3 was answered by version 1.
+    late = [a for a in answers if a[0] > first_new and a[3] != "3"]
     assert not late and sum(a[3] == "1" for a in answers) > 0
-    switches = re.findall(r"every worker switched from (.*) to version (\d+)", svc.output())
-    assert switches == [("no version", "1"), ("version 1", "2")]
+    out = svc.output()
+    switches = re.findall(r"every worker switched from (.*) to version (\d+)", out)
+    assert switches == [("no version", "1"), ("version 1", "3")]
+    assert out.count("refused cifar10 version 2") == 1
     metrics = http.client.HTTPConnection("127.0.0.1", svc.port)
     metrics.request("GET", "/metrics")
-    assert 'cifar_serve_model_switches_total{direction="forward"} 2.0' in metrics.getresponse().read().decode()
+    text = metrics.getresponse().read().decode()
+    assert 'cifar_serve_model_switches_total{direction="forward"} 2.0' in text
+    assert 'cifar_serve_model_versions_refused_total{reason="probe"} 1.0' in text
 
 
 def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_request(tmp_path, net, service):
