@@ -345,7 +345,7 @@ def bodies(draw):
 ROUTES = ["/healthz", "/readyz", "/v1/models/{}", "/v1/models/{}/metadata", "/v1/models/{}:predict",
           "/v2/health/live", "/v2/health/ready", "/v2/models/{}", "/v2/models/{}/ready", "/v2/models/{}/infer",
           "/v2/models/{}/versions/{}", "/v2/models/{}/versions/{}/ready", "/v2/models/{}/versions/{}/infer",
-          "/predict", "/ping", "/invocations", "/metrics", "/openapi.json", "/"]
+          "/predict", "/ping", "/invocations", "/metrics", "/openapi.json", "/docs", "/docs/{}", "/"]
 METHODS = ["GET", "POST", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40)  # what a server passes on
 
