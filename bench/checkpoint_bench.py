@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from job import config, data, model, optim, sources
 from job.checkpoints import CheckpointStore, Uploader
-from job.loop import Trainer
+from job.trainer import Trainer
 
 EVERY = 100
 

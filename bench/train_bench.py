@@ -30,7 +30,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 from job import config, data, model, optim, report, sources, train
-from job.loop import Trainer
+from job.trainer import Trainer
 
 BATCH = 64
 LR = 1e-3

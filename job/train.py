@@ -21,7 +21,7 @@ from job.checkpoints import RECORD, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import ConfigError, DivergedError, PeerLost, Preempted, StorageError
 from job.history import History
-from job.loop import Trainer
+from job.trainer import Trainer
 from job.report import Console
 
 

@@ -300,7 +300,7 @@ import tensorflow as tf
 
 from job import distribute
 from job.config import Distribute
-from job.loop import Trainer
+from job.trainer import Trainer
 cluster = distribute.resolve(Distribute(cpu_devices=2))
 with cluster.strategy.scope():
     keras.config.set_dtype_policy("mixed_float16")
