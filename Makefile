@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench soak lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench: $(STAMP)
 	$(PY) bench/distribute_bench.py
 	$(PY) bench/serve_bench.py
 	$(PY) bench/serve_memory.py
+
+# Ten minutes of the service at a fixed rate with a hot reload in the middle: apart
+# from bench, it is long and wants a quiet machine. SOAK_ARGS="--minutes 1 ..." for a try.
+soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common job serve tests bench scripts
