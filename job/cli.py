@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar-job", description="Train, evaluate and export a CIFAR-10 model.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", parents=[with_config], help="train, checkpoint and export")
-    sub.add_parser("check-config", parents=[with_config], help="print the resolved config, or why it is invalid")
+    check = sub.add_parser("check-config", parents=[with_config],
+                           help="print the resolved config, or why it is invalid")
+    check.add_argument("--explain", action="store_true",
+                       help="print every key with its resolved value, type, default and meaning")
     fetch = sub.add_parser("fetch-data", parents=[with_config],
                            help="download, verify, cache and parse the config's data as train would; print a summary")
     fetch.add_argument("--to", metavar="URI",
@@ -96,7 +99,12 @@ def _dispatch(args) -> int:
     cfg = load_config(args.config, args.overrides)
     console = Console(args.log_format)
     if args.command == "check-config":
-        print(cfg.dump(), end="")
+        if args.explain:
+            from job.config_doc import explain
+
+            print(explain(cfg), end="")
+        else:
+            print(cfg.dump(), end="")
         return 0
     if args.command == "fetch-data":
         from job import fetch

@@ -26,62 +26,107 @@ class Section(BaseModel):
 
 
 class SyntheticData(Section):
-    train_size: int = Field(10_000, ge=1)
-    test_size: int = Field(2_000, ge=1)
+    train_size: int = Field(10_000, ge=1, description="Training examples generated; the validation split is "
+                                                      "held out of these.")
+    test_size: int = Field(2_000, ge=1, description="Test examples generated.")
 
 
 class Data(Section):
-    source: Literal["synthetic", "cifar10", "folder"] = "synthetic"
-    # None means the canonical CIFAR-10 binary archive (checksum verified).
-    uri: str | None = None
-    cache_dir: str = "~/.cache/cifar10-pipeline"
+    source: Literal["synthetic", "cifar10", "folder"] = Field(
+        "synthetic",
+        description="`synthetic`: built in, CIFAR-shaped class patterns a small CNN learns in a few epochs. "
+                    "`cifar10`: the CIFAR-10 data set at `data.uri`, in its binary or python format. "
+                    "`folder`: images laid out as `train/<class>/*.png|jpg|jpeg` and "
+                    "`test/<class>/*.png|jpg|jpeg` (the layout of the common PNG and JPEG copies of CIFAR-10), "
+                    "exactly 10 class folders, the same in both; the folder names, sorted, are the classes and "
+                    "label the export. Each image is converted to RGB and resized to 32x32 by the function the "
+                    "service applies to `/predict` uploads.",
+    )
+    uri: str | None = Field(
+        None,
+        description="For `cifar10`: a local directory or `.tar.gz`, an `s3://` object or prefix (a prefix "
+                    "reads like a directory), or an `http(s)://` URL; null means the canonical CIFAR-10 binary "
+                    "archive, downloaded once, MD5-verified and cached. For `folder` (required): a local "
+                    "directory, a `.tar.gz` or `.zip` of one (local or `s3://`), or an `s3://` prefix. What "
+                    "comes from S3 is cached object by object under its ETag: a second run downloads nothing, "
+                    "a replaced object is fetched again.",
+    )
+    cache_dir: str = Field("~/.cache/cifar10-pipeline",
+                           description="Where downloads and copies of S3 objects are kept across runs.")
     synthetic: SyntheticData = SyntheticData()
-    validation_size: int = Field(1_000, ge=0)
-    augment: bool = False
-    # With augment: random translation by up to this many pixels (reflect
-    # padding, then a 32x32 crop), and a horizontal flip.
-    translate: int = Field(4, ge=0, le=16)
+    validation_size: int = Field(
+        1_000, ge=0,
+        description="Training examples held out for validation, chosen by `seed`. 0 for none, which "
+                    "`train.early_stopping`, the `reduce_on_plateau` schedule and `export.weights: best` refuse.",
+    )
+    augment: bool = Field(False, description="Each epoch, shift each training image by up to `data.translate` "
+                                             "pixels at random (reflect padding, then a 32x32 crop) and flip it "
+                                             "horizontally with probability 1/2.")
+    translate: int = Field(4, ge=0, le=16, description="With `data.augment`: the most pixels an image is shifted "
+                                                       "by in each direction; 0 for flips alone.")
 
 
 class Model(Section):
-    name: Literal["simple_cnn", "resnet", "airbench"] = "simple_cnn"
-    # Multiplies every layer's channel count: 0.5 is a network four times cheaper.
-    width: float = Field(1.0, gt=0, le=8)
-    # Another run's checkpoint.uri (its latest checkpoint) or one of its
-    # `.../ckpt-<step>` directories: a new run starts from its weights.
-    init_from: str | None = None
+    name: Literal["simple_cnn", "resnet", "airbench"] = Field(
+        "simple_cnn",
+        description="`simple_cnn`: the original recipe's conv32-pool-conv64-pool-conv64-dense64-dense10. "
+                    "`resnet`: ResNet-20. `airbench`: airbench94's network, a whitening layer computed from the "
+                    "first 5,000 training images, then three conv-pool-BatchNorm-GELU groups of 64, 256 and 256 "
+                    "channels.",
+    )
+    width: float = Field(1.0, gt=0, le=8,
+                         description="Multiplies the network's channel counts (each stays at least 8): 0.5 is a "
+                                     "network about four times cheaper.")
+    init_from: str | None = Field(
+        None,
+        description="Start a new run from another run's weights: its `checkpoint.uri` (its newest checkpoint) or "
+                    "one of its `.../ckpt-<step>` directories. The network must match (`model.name`, "
+                    "`model.width`); the optimizer starts afresh. A run that resumes its own checkpoint ignores it.",
+    )
 
 
 class Constant(Section):
-    name: Literal["constant"] = "constant"
+    name: Literal["constant"] = Field("constant", description="`train.learning_rate` throughout.")
 
 
 class Exponential(Section):
-    name: Literal["exponential"]
-    decay_rate: float = Field(0.96, gt=0, le=1)
-    decay_epochs: float = Field(1.0, gt=0)
+    name: Literal["exponential"] = Field(
+        description="`train.learning_rate`, multiplied by `decay_rate` every `decay_epochs`, smoothly in between.")
+    decay_rate: float = Field(0.96, gt=0, le=1, description="The learning rate's factor per `decay_epochs`.")
+    decay_epochs: float = Field(1.0, gt=0, description="Epochs over which the learning rate falls by `decay_rate`.")
 
 
 class Cosine(Section):
-    name: Literal["cosine"]
-    warmup_epochs: float = Field(0.0, ge=0)
-    final_fraction: float = Field(0.0, ge=0, le=1)
+    name: Literal["cosine"] = Field(
+        description="a linear warm-up over `warmup_epochs`, then a cosine from `train.learning_rate` down to "
+                    "`final_fraction` of it at the end of `train.epochs`.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Epochs of linear warm-up from near 0; 0 for none.")
+    final_fraction: float = Field(0.0, ge=0, le=1, description="The learning rate at the end of `train.epochs`, "
+                                                               "as a fraction of `train.learning_rate`.")
 
 
 class OneCycle(Section):
-    name: Literal["one_cycle"]
-    # Fraction of the run spent rising to the peak learning rate.
-    peak_at: float = Field(0.25, gt=0, lt=1)
-    start_fraction: float = Field(0.1, gt=0, le=1)
-    final_fraction: float = Field(0.0, ge=0, le=1)
+    name: Literal["one_cycle"] = Field(
+        description="linear from `start_fraction` of `train.learning_rate` up to all of it at `peak_at`, then "
+                    "linear down to `final_fraction` of it at the end of `train.epochs`.")
+    peak_at: float = Field(0.25, gt=0, lt=1, description="Fraction of the run (`train.epochs`) spent rising to "
+                                                         "the peak.")
+    start_fraction: float = Field(0.1, gt=0, le=1, description="The learning rate at step 0, as a fraction of "
+                                                               "`train.learning_rate`.")
+    final_fraction: float = Field(0.0, ge=0, le=1, description="The learning rate at the end of `train.epochs`, "
+                                                               "as a fraction of `train.learning_rate`.")
 
 
 class ReduceOnPlateau(Section):
-    name: Literal["reduce_on_plateau"]
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    factor: float = Field(0.5, gt=0, lt=1)
-    patience: int = Field(2, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    name: Literal["reduce_on_plateau"] = Field(
+        description="`train.learning_rate`, multiplied by `factor` each time `monitor` has gone more than "
+                    "`patience` epochs without improving, never below `min_lr`; needs a validation split.")
+    monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="The metric watched, after "
+                                                                                 "each epoch.")
+    factor: float = Field(0.5, gt=0, lt=1, description="Multiplies the learning rate at each reduction.")
+    patience: int = Field(2, ge=0, description="Epochs without improvement tolerated; the next one reduces the "
+                                               "learning rate.")
+    min_lr: float = Field(0.0, ge=0, description="The floor under the learning rate.")
 
 
 _SCHEDULES = (Constant, Exponential, Cosine, OneCycle, ReduceOnPlateau)
@@ -94,32 +139,59 @@ HORIZON_SCHEDULES = ("cosine", "one_cycle")
 
 
 class EarlyStopping(Section):
-    enabled: bool = False
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(3, ge=1)
-    min_delta: float = Field(0.0, ge=0)
-    restore_best: bool = True
+    enabled: bool = Field(False, description="Stop training once `monitor` has not improved for `patience` "
+                                             "epochs; needs a validation split.")
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        "val_loss",
+        description="The metric watched. While early stopping is enabled it also names the best checkpoint "
+                    "(`restore_best`, `export.weights: best`); otherwise `val_loss` does.",
+    )
+    patience: int = Field(3, ge=1, description="Epochs without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0, description="The least change of the metric that counts as an "
+                                                    "improvement.")
+    restore_best: bool = Field(True, description="When training stops early, export the best checkpoint's "
+                                                 "weights rather than the last.")
 
 
 class Train(Section):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    # Steps per compiled call. Results do not depend on it (the same ops run
-    # in the same order); fewer Python round trips make each step cheaper.
-    steps_per_loop: int = Field(10, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: float = Field(0.001, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    lr_schedule: Schedule = Constant()
+    epochs: int = Field(
+        10, ge=1,
+        description="Passes over the training split. Under `cosine` and `one_cycle`, the schedule's horizon, "
+                    "fixed for the run (a resume with other epochs exits 2); under other schedules a stop "
+                    "condition that a resume may change.",
+    )
+    batch_size: int = Field(64, ge=1, description="Examples per step, across all replicas (a multiple of their "
+                                                  "number); each epoch's last partial batch is dropped.")
+    max_steps: int | None = Field(None, ge=1,
+                                  description="Stop after this many steps, a stop condition only (schedules follow "
+                                              "`train.epochs`); a finished run carries on when it is raised.")
+    # Results do not depend on it because the same ops run in the same order.
+    steps_per_loop: int = Field(10, ge=1,
+                                description="Steps run inside one compiled call: fewer Python round trips make "
+                                            "each step cheaper; results do not depend on it.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="The optimizer.")
+    learning_rate: float = Field(0.001, gt=0, description="The peak learning rate, which `train.lr_schedule` "
+                                                          "scales.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="For `sgd` only.")
+    nesterov: bool = Field(False, description="Nesterov momentum, for `sgd` only.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay, times the learning rate, for "
+                                                       "every optimizer; 0 for none.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the training loss "
+                                                                "(validation and test losses have none).")
+    lr_schedule: Schedule = Field(
+        Constant(),
+        description="The learning-rate schedule: a name alone (`lr_schedule: cosine`) or with its parameters "
+                    "beside it (`{name: cosine, warmup_epochs: 1}`).",
+    )
     early_stopping: EarlyStopping = EarlyStopping()
-    mixed_precision: bool = False
-    jit_compile: bool = False
-    deterministic: bool = True
-    log_every_steps: int = Field(50, ge=1)
+    mixed_precision: bool = Field(False, description="float16 compute with loss scaling, for GPUs (CPUs run "
+                                                     "float16 convolutions far slower than float32).")
+    jit_compile: bool = Field(False, description="Compile the training and evaluation steps with XLA; needs "
+                                                 "`train.deterministic: false`.")
+    deterministic: bool = Field(True, description="Deterministic kernels: a run stopped and resumed ends "
+                                                  "exactly where an uninterrupted one does, and reruns repeat.")
+    log_every_steps: int = Field(50, ge=1, description="Steps between progress lines (and TensorBoard "
+                                                       "scalars); each epoch's end prints one too.")
 
     @field_validator("lr_schedule", mode="before")
     @classmethod
@@ -129,23 +201,35 @@ class Train(Section):
 
 
 class Checkpoint(Section):
-    uri: str = "runs/default/checkpoints"
-    every_steps: int = Field(500, ge=1)
-    # Also commit once this much wall-clock time has passed since the last
-    # commit (spot capacity), looked at between compiled calls.
-    every_seconds: float | None = Field(None, gt=0)
-    keep: int = Field(3, ge=1)
-    resume: Literal["auto", "never", "required"] = "auto"
-    # A step kept in this checkpoint.uri, or another run's checkpoint.uri or
-    # `.../ckpt-<step>` directory: the run restarts from that state.
-    resume_from: int | str | None = None
-    # How long a background commit keeps retrying through a storage outage
-    # before the job gives up with exit 4.
-    retry_seconds: float = Field(300.0, gt=0)
-    # SIGTERM to exit: the time the current checkpoint gets to commit.
-    grace_seconds: float = Field(30.0, gt=0)
-    # A run that dies holding the lease blocks a successor for at most this long.
-    lease_seconds: float = Field(60.0, ge=1)
+    uri: str = Field("runs/default/checkpoints",
+                     description="Where checkpoints, `latest.json`, `metrics.jsonl` and the run's `config.yaml` "
+                                 "go: a local path or `s3://bucket/prefix`; one run at a time.")
+    every_steps: int = Field(500, ge=1, description="Commit a checkpoint every this many steps, besides the one "
+                                                    "at each epoch's end.")
+    every_seconds: float | None = Field(
+        None, gt=0,
+        description="Also commit once this many seconds of wall-clock time have passed since the last commit "
+                    "(spot capacity, where a step count says nothing about the time a reclaim loses); looked at "
+                    "between compiled calls, so a commit can land up to `train.steps_per_loop` steps late.",
+    )
+    keep: int = Field(3, ge=1, description="Newest checkpoints kept (the best is kept as well).")
+    resume: Literal["auto", "never", "required"] = Field(
+        "auto",
+        description="`auto`: carry on from the newest checkpoint in `checkpoint.uri`, if any. `never`: start "
+                    "from step 0 whatever it holds. `required`: exit 2 where it holds none.",
+    )
+    resume_from: int | str | None = Field(
+        None,
+        description="Restart from this checkpoint rather than the newest: a kept step of this run, another "
+                    "run's `checkpoint.uri` (its newest) or a `.../ckpt-<step>` directory. The run goes on in "
+                    "its own `checkpoint.uri`.",
+    )
+    retry_seconds: float = Field(300.0, gt=0, description="How long a background commit retries through a "
+                                                          "storage outage before the job gives up (exit 4).")
+    grace_seconds: float = Field(30.0, gt=0, description="After SIGTERM, how long the current checkpoint gets "
+                                                         "to commit before the job exits (75).")
+    lease_seconds: float = Field(60.0, ge=1, description="A run killed while holding `checkpoint.uri` blocks "
+                                                         "the next one for at most this long.")
 
     @field_validator("resume_from", mode="before")
     @classmethod
@@ -155,23 +239,34 @@ class Checkpoint(Section):
 
 
 class Export(Section):
-    uri: str = "runs/default/export"
-    model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    # best: the checkpoint with the best validation result (train.early_stopping.monitor).
-    weights: Literal["last", "best"] = "last"
+    uri: str = Field("runs/default/export", description="Where versions go, as "
+                                                        "`<export.uri>/<model_name>/<version>/`: a local path or "
+                                                        "`s3://bucket/prefix`.")
+    model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="The model's folder under `export.uri`, and the model name its TF "
+                                        "Serving warm-up requests use.")
+    weights: Literal["last", "best"] = Field(
+        "last",
+        description="`last`: the weights training ended with. `best`: those of the checkpoint with the best "
+                    "validation result (see `train.early_stopping.monitor`).",
+    )
 
 
 class Distribute(Section):
-    # auto: from the environment (TF_CONFIG, AWS Batch multi-node, local GPUs).
-    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
-    # Splits the host's CPU into this many logical devices, each a replica:
-    # rehearses mirrored training on a machine without GPUs.
-    cpu_devices: int = Field(1, ge=1, le=64)
-    # AWS Batch multi-node jobs: the nodes meet at the main node's `port` to
-    # learn each other's addresses; node i's TensorFlow server uses port + 1 + i.
-    port: int = Field(2222, ge=1024, le=65000)
-    # How long workers wait for each other at start before the job fails (exit 75).
-    startup_timeout_seconds: float = Field(300.0, gt=0)
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = Field(
+        "auto",
+        description="`auto` reads the environment: several workers in `TF_CONFIG` or an AWS Batch multi-node "
+                    "job mean `multi_worker`; several local GPUs or `distribute.cpu_devices` > 1, `mirrored`; "
+                    "else `one_device`. Naming one insists on it.",
+    )
+    cpu_devices: int = Field(1, ge=1, le=64, description="Split the host's CPU into this many logical devices, "
+                                                         "each a replica: rehearses mirrored training without "
+                                                         "GPUs.")
+    port: int = Field(2222, ge=1024, le=65000,
+                      description="AWS Batch multi-node jobs: the nodes meet at this port of the main node to learn "
+                                  "each other's addresses; node i's TensorFlow server uses port + 1 + i.")
+    startup_timeout_seconds: float = Field(300.0, gt=0, description="How long workers wait for each other at "
+                                                                    "start before the job fails (exit 75).")
 
 
 class Config(BaseSettings):
@@ -179,7 +274,8 @@ class Config(BaseSettings):
         extra="forbid", frozen=True, env_prefix="CIFAR_", env_nested_delimiter="__"
     )
 
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the initial weights, the validation split, each epoch's order and "
+                                     "augmentation; each depends on it alone.")
     data: Data = Data()
     model: Model = Model()
     train: Train = Train()
