@@ -41,7 +41,7 @@ class Predictor:
 
     def __init__(self, settings: Settings, backend=None):
         self.settings = settings
-        self.backend = backend or backends.create(settings)
+        self.backend = backend or _backend(settings)
         self.batcher = Batcher(self.backend.predict, settings.max_batch_size, settings.batch_timeout_ms,
                                settings.max_queue, on_batch=metrics.BATCH_SIZE.observe)
 
@@ -53,7 +53,17 @@ class Predictor:
         return probabilities, loaded
 
 
-def create_app(settings: Settings | None = None, backend=None) -> Flask:
+def _backend(settings: Settings) -> backends.Backend:
+    if settings.backend == "tfserving":
+        from serve.tfserving import TFServing  # gRPC and TF Serving's protos: only for this backend
+
+        return TFServing(settings)
+    from serve.inprocess import InProcess
+
+    return InProcess(settings)
+
+
+def create_app(settings: Settings | None = None, backend: backends.Backend | None = None) -> Flask:
     settings = settings or Settings()
     app = Flask(__name__)
     # Model names never hold ':' so that `GET /v1/models/x:predict` is a

@@ -299,17 +299,10 @@ def v2_infer(name, version=None):
     else:
         if tensor.data is None:
             raise BadInput(f"input {INPUT!r} has no data")
-        flat = np.asarray(tensor.data, dtype=object).reshape(-1) if tensor.data else np.array([])
-        try:
-            values = np.asarray(flat.tolist(), dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            raise BadInput(f"input {INPUT!r}: data must be numbers") from None
+        values = images.pixels(tensor.data, f"input {INPUT!r}").reshape(-1)
         if values.size != count:
             raise BadInput(f"input {INPUT!r}: {values.size} values for shape {shape}")
-        if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 255
-                            or np.any(values != np.rint(values))):
-            raise BadInput(f"input {INPUT!r}: UINT8 values are whole numbers from 0 to 255")
-        batch = values.astype(np.uint8).reshape(shape)
+        batch = values.reshape(shape)
     answered, loaded = _predictor().predict(batch)
     if version is not None and version != str(loaded.version):  # swapped while this request waited
         abort(404, f"model {name!r} version {version} is not loaded")
