@@ -69,21 +69,30 @@ def encoded(value, where: str) -> bytes:
     return data
 
 
-def from_nested(value, where: str) -> np.ndarray:
-    """A 32x32x3 nested list of numbers in 0..255 -> uint8 [32, 32, 3]."""
+def pixels(values, where: str, expected: str = "numbers from 0 to 255") -> np.ndarray:
+    """Pixel values as a client sent them (nested or flat lists) -> uint8, by the
+    one rule every route applies: whole numbers from 0 to 255. 12.0 is 12; 12.5
+    is refused, as TF Serving refuses a fraction for a uint8 input."""
     try:
-        # Pixels are nearly always integers: read as such they need neither
-        # a float copy nor rounding.
-        array = np.asarray(value)
+        # Pixels are nearly always integers: read as such they need no float copy.
+        array = np.asarray(values)
         if array.dtype.kind not in "iu":
-            array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float64's range
-        raise BadInput(f"{where}: expected a 32x32x3 nested list of numbers") from None
+            array = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):  # ragged, not numbers, or an integer beyond float64
+        raise BadInput(f"{where}: expected {expected}") from None
+    # NaN fails the whole-number test; infinities the range.
+    if array.size and (array.min() < 0 or array.max() > 255
+                       or (array.dtype.kind == "f" and np.any(array != np.rint(array)))):
+        raise BadInput(f"{where}: pixel values are whole numbers from 0 to 255")
+    return array.astype(np.uint8)
+
+
+def from_nested(value, where: str) -> np.ndarray:
+    """A 32x32x3 nested list of pixel values -> uint8 [32, 32, 3]."""
+    array = pixels(value, where, "a 32x32x3 nested list of numbers from 0 to 255")
     if array.shape != (SIZE, SIZE, 3):
         raise BadInput(f"{where}: expected shape [32, 32, 3], got {list(array.shape)}")
-    if (array.dtype.kind == "f" and not np.all(np.isfinite(array))) or array.min() < 0 or array.max() > 255:
-        raise BadInput(f"{where}: pixel values must be numbers from 0 to 255")
-    return (np.rint(array) if array.dtype.kind == "f" else array).astype(np.uint8)
+    return array
 
 
 def instance(value, where: str) -> np.ndarray:
