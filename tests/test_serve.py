@@ -207,6 +207,23 @@ def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(client, method, pa
     assert client.get("/healthz").status_code == 200
 
 
+def test_pixel_values_follow_one_rule_on_every_route(client):
+    """Whole numbers from 0 to 255, as integers or as floats like 12.0; a fraction is refused everywhere."""
+    whole, fraction = np.full((1, 32, 32, 3), 12.0), np.full((1, 32, 32, 3), 12.5)
+
+    def v1(pixels):
+        return client.post("/v1/models/cifar10:predict", json={"instances": pixels.tolist()})
+
+    def v2(pixels):
+        return client.post("/v2/models/cifar10/infer", json={"inputs": [
+            {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}]})
+
+    for route in (v1, v2):
+        assert route(whole).status_code == 200
+        refused = route(fraction)
+        assert refused.status_code == 400 and "whole numbers from 0 to 255" in refused.json["error"]
+
+
 def test_limits_api_keys_cors_and_request_ids(base):
     settings = Settings(model_uri=str(base), max_body_bytes=4096, max_instances=2, api_keys=["k1", "k2"],
                         cors_origins=["https://app.example"], poll_seconds=0.2)
