@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from job import data, export, sources, storage
+from common import layout
+from job import data, sources, storage
 from job.config import Config
 from job.errors import JobError
 
@@ -22,13 +23,13 @@ def evaluate(model_uri: str, cfg: Config) -> dict:
     version_uri = resolve_version(model_uri)
     local = storage.backend(version_uri).local_copy(version_uri)
     try:
-        serve = tf.saved_model.load(str(local)).signatures[export.SIGNATURE]
+        serve = tf.saved_model.load(str(local)).signatures[layout.SIGNATURE]
     except (OSError, ValueError, KeyError) as exc:
-        raise JobError(f"{version_uri} is not a SavedModel with a {export.SIGNATURE!r} signature: {exc}") from None
+        raise JobError(f"{version_uri} is not a SavedModel with a {layout.SIGNATURE!r} signature: {exc}") from None
     splits = sources.load(cfg)
     total, correct = 0.0, 0
     for images, labels in data.eval_batches(splits.x_test, splits.y_test):
-        probs = serve(images=images)["probabilities"].numpy()
+        probs = serve(**{layout.INPUT: images})[layout.PROBABILITIES].numpy()
         picked = probs[np.arange(len(probs)), labels.numpy()]
         total += float(-np.log(np.maximum(picked, 1e-12)).sum())
         correct += int((probs.argmax(axis=1) == labels.numpy()).sum())

@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common import layout
+from common.layout import BYTES_SIGNATURE, SIGNATURE
 from job import storage
-from job.sources import CLASS_NAMES
 from job.errors import JobError
-
-SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "predict_image_bytes"
 
 
 class ServingModule(tf.Module):
@@ -34,13 +32,15 @@ class ServingModule(tf.Module):
             labels_file, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
             tf.string, tf.lookup.TextFileIndex.WHOLE_LINE), default_value="")
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")])
+    # The argument's name is the signature's input name: layout.INPUT.
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=layout.INPUT)])
     def serve(self, images):
         probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
         class_id = tf.argmax(probabilities, axis=1, output_type=tf.int64)
-        return {"probabilities": probabilities, "class_id": class_id, "label": self.labels.lookup(class_id)}
+        return {layout.PROBABILITIES: probabilities, layout.CLASS_ID: class_id,
+                layout.LABEL: self.labels.lookup(class_id)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=layout.BYTES_INPUT)])
     def serve_bytes(self, image_bytes):
         """Encoded PNG or JPEG of any size, for TF Serving's `{"b64": ...}` clients."""
 
@@ -60,41 +60,39 @@ def _warmup_record(model_name: str) -> bytes:
 
     request = predict_pb2.PredictRequest(
         model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE))
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 32, 32, 3), np.uint8)))
+    request.inputs[layout.INPUT].CopyFrom(tf.make_tensor_proto(np.zeros((1, 32, 32, 3), np.uint8)))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     return log.SerializeToString()
 
 
 def write_saved_model(model, directory: Path, model_name: str, card: dict,
-                      class_names: Sequence[str] = CLASS_NAMES) -> None:
+                      class_names: Sequence[str] = layout.CIFAR10_CLASSES) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        labels = Path(tmp) / "labels.txt"
-        # One name per line: a class folder's name may hold spaces.
-        labels.write_text("".join(name + "\n" for name in class_names), encoding="utf-8")
+        # saved_model.save copies it into the version as assets/labels.txt (layout.LABELS).
+        labels = Path(tmp) / Path(layout.LABELS).name
+        layout.write_labels(labels, class_names)
         module = ServingModule(model, str(labels))
         tf.saved_model.save(module, str(directory), signatures={
             SIGNATURE: module.serve, BYTES_SIGNATURE: module.serve_bytes})
-    extra = directory / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
+    (directory / layout.WARMUP).parent.mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(directory / layout.WARMUP)) as writer:
         writer.write(_warmup_record(model_name))
-    (extra / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    (directory / layout.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
 
 
 def _write_probe_record(directory: Path, served, probe: np.ndarray) -> None:
-    """`assets.extra/probe_images.npy` and `probe_outputs.npz`: what the service checks a
-    version against before serving it.
+    """layout.PROBE_IMAGES and PROBE_OUTPUTS: what the service checks a version
+    against before serving it.
 
     The outputs are the written SavedModel's own, loaded back, rather than the
     in-memory model's: the service runs that graph, and the eager model may
     pick other kernels (see `verify`), which would eat into the service's
     tolerance for no reason. `verify` separately holds the graph to the model.
     """
-    outputs = served(images=tf.constant(probe, tf.uint8))
-    extra = directory / "assets.extra"
-    np.save(extra / "probe_images.npy", np.asarray(probe, np.uint8))
+    outputs = served(**{layout.INPUT: tf.constant(probe, tf.uint8)})
+    np.save(directory / layout.PROBE_IMAGES, np.asarray(probe, np.uint8))
     # Strings as unicode arrays: an object array would need pickle to read back.
-    np.savez(extra / "probe_outputs.npz", **{
+    np.savez(directory / layout.PROBE_OUTPUTS, **{
         name: np.char.decode(value.numpy().astype(bytes), "utf-8") if value.dtype == tf.string else value.numpy()
         for name, value in outputs.items()})
 
@@ -103,7 +101,7 @@ def verify(model, directory: Path, probe: np.ndarray):
     """Hold the written SavedModel to the trained model; return its serving signature."""
     expected = tf.nn.softmax(tf.cast(model(probe, training=False), tf.float32)).numpy()
     loaded = tf.saved_model.load(str(directory)).signatures[SIGNATURE]
-    got = loaded(images=tf.constant(probe))["probabilities"].numpy()
+    got = loaded(**{layout.INPUT: tf.constant(probe)})[layout.PROBABILITIES].numpy()
     # In float16 the traced graph and the eager model may pick different
     # kernels (oneDNN's AMX and AVX-512 FP16 ones on recent Xeons): measured
     # up to 3.4e-5 apart there. A broken export is off by far more than either bound.
@@ -115,7 +113,7 @@ def verify(model, directory: Path, probe: np.ndarray):
 
 
 def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarray,
-           class_names: Sequence[str] = CLASS_NAMES) -> tuple[int, str]:
+           class_names: Sequence[str] = layout.CIFAR10_CLASSES) -> tuple[int, str]:
     """Publish the next version, labelled with `class_names`; return (version, its URI)."""
     base = storage.join(export_uri, model_name)
     backend = storage.backend(export_uri)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common import layout
 from job import cifar10, image_folder, storage
 from job.config import Config
 from job.errors import ConfigError
 
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASS_NAMES = layout.CIFAR10_CLASSES
 # The synthetic classes are fixed, whatever the run's seed, so that every run
 # and every test sees the same problem.
 _SYNTHETIC_SEED = 20_240_601

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from common import layout
 from job.errors import StorageError
 
 _STAGING_PREFIX = ".staging-"
@@ -126,13 +127,11 @@ class S3Storage:
     settings: `AWS_ENDPOINT_URL_S3`, the credential chain, the region.
 
     S3 has no directory rename, so a directory counts as published once its
-    `_COMPLETE` marker, written after every other object, exists. The marker
-    lists each object's SHA-256, checked again on download: S3's own checksums
-    guard the transfer, the manifest guards against an object replaced or
-    damaged after it was written.
+    `_COMPLETE` marker (common/layout.py), written after every other object,
+    exists. The marker lists each object's SHA-256, checked again on download:
+    S3's own checksums guard the transfer, the manifest guards against an
+    object replaced or damaged after it was written.
     """
-
-    MARKER = "_COMPLETE"
 
     def __init__(self):
         import boto3
@@ -182,20 +181,17 @@ class S3Storage:
 
     def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
         bucket, key = self.split(uri)
-        marker = f"{key}/{self.MARKER}"
+        marker = f"{key}/{layout.MARKER}"
         if self.read_bytes(f"s3://{bucket}/{marker}") is not None:
             if not replace:
                 raise FileExistsError(uri)
             self.delete(uri)
-        manifest = {}
-        for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-            rel = path.relative_to(staged).as_posix()
-            manifest[rel] = _sha256(path)
+        manifest = layout.manifest(staged)
+        for rel in json.loads(manifest):
             # upload_file is boto3's transfer manager: multipart and parallel for large files.
-            self._call(uri, "upload to", self.client.upload_file, str(path), bucket, f"{key}/{rel}",
+            self._call(uri, "upload to", self.client.upload_file, str(staged / rel), bucket, f"{key}/{rel}",
                        ExtraArgs={"ChecksumAlgorithm": "SHA256"})
-        self._call(uri, "publish", self.client.put_object, Bucket=bucket, Key=marker,
-                   Body=json.dumps(manifest, indent=1).encode())
+        self._call(uri, "publish", self.client.put_object, Bucket=bucket, Key=marker, Body=manifest)
         shutil.rmtree(staged, ignore_errors=True)
 
     def _objects(self, uri: str) -> dict[str, dict]:
@@ -210,7 +206,7 @@ class S3Storage:
         return list(self._objects(uri))
 
     def published(self, uri: str) -> list[str]:
-        return sorted(k.split("/")[0] for k in self._keys(uri) if k.count("/") == 1 and k.endswith("/" + self.MARKER))
+        return layout.published(self._keys(uri))
 
     def delete_object(self, uri: str) -> None:
         bucket, key = self.split(uri)
@@ -220,7 +216,7 @@ class S3Storage:
         bucket, key = self.split(uri)
         keys = [f"{key}/{k}" for k in self._keys(uri)]
         # The marker goes first, so a half-deleted directory no longer counts.
-        keys.sort(key=lambda k: not k.endswith("/" + self.MARKER))
+        keys.sort(key=lambda k: not k.endswith("/" + layout.MARKER))
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start:start + 1000]]
             self._call(uri, "delete", self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
@@ -228,17 +224,18 @@ class S3Storage:
     def local_copy(self, uri: str) -> Path:
         """Download a published directory, checking every object against its manifest."""
         bucket, key = self.split(uri)
-        raw = self.read_bytes(f"{uri}/{self.MARKER}")
+        raw = self.read_bytes(f"{uri}/{layout.MARKER}")
         if raw is None:
             raise StorageError(f"{uri} is not a complete published directory at {self.endpoint}")
         dest = Path(tempfile.mkdtemp(prefix="cifar-download-"))
-        for rel, digest in json.loads(raw).items():
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._call(uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target))
-            if _sha256(target) != digest:
-                raise StorageError(f"{uri}/{rel} is corrupt: its SHA-256 differs from the one recorded "
-                                   f"when it was published")
+        try:
+            for rel, digest in layout.read_manifest(raw, uri).items():
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._call(uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target))
+                layout.check_file(target, digest, f"{uri}/{rel}")
+        except layout.LayoutError as exc:
+            raise StorageError(str(exc)) from None
         return dest
 
     def cached_copy(self, uri: str, cache_dir: Path, wanted: Callable[[str], bool] | None = None) -> Path:
@@ -362,11 +359,6 @@ class _Listed:
         future.meta.provide_transfer_size(self.size)
         # The parts of a large object are then fetched If-Match this ETag.
         future.meta.provide_object_etag(self.etag)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _s3_clients: dict[tuple, S3Storage] = {}

@@ -11,9 +11,6 @@ from typing import Protocol
 
 import numpy as np
 
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
 class Unavailable(Exception):
     """No model to answer with (yet): a 503."""
 

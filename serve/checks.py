@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import layout
 from serve import models
 
-PROBE_IMAGES = "probe_images.npy"
-PROBE_OUTPUTS = "probe_outputs.npz"
 # The record is the same SavedModel graph's own output, so what remains is
 # another machine's kernels (CPU vs GPU, oneDNN's AVX-512 vs AMX): float32
 # probabilities stay well within this (job/export.py measured 3.4e-5 even
@@ -38,20 +37,20 @@ def check(path: Path, signature, min_accuracy: float | None = None) -> bool:
     """Raise Refused if the version at `path` (its `serving_default`
     `signature` loaded) fails a check; return False if it has no probe record
     to check (exported before the job wrote one), True if it passed."""
-    extra = Path(path) / "assets.extra"
+    path = Path(path)
     if min_accuracy is not None:
-        accuracy = _card_accuracy(extra / "model_card.json")
+        accuracy = _card_accuracy(path / layout.CARD)
         if accuracy is None or not accuracy >= min_accuracy:
             raise Refused(f"its model card's test_accuracy is {accuracy}, below SERVE_MIN_ACCURACY="
                           f"{min_accuracy:g}", "accuracy")
-    if not (extra / PROBE_IMAGES).is_file():
+    if not (path / layout.PROBE_IMAGES).is_file():
         return False
     import tensorflow as tf
 
-    images = np.load(extra / PROBE_IMAGES, allow_pickle=False)
-    with np.load(extra / PROBE_OUTPUTS, allow_pickle=False) as record:
+    images = np.load(path / layout.PROBE_IMAGES, allow_pickle=False)
+    with np.load(path / layout.PROBE_OUTPUTS, allow_pickle=False) as record:
         expected = dict(record)
-    got = signature(images=tf.constant(images, tf.uint8))
+    got = signature(**{layout.INPUT: tf.constant(images, tf.uint8)})
     for name in sorted(set(expected) | set(got)):
         if name not in got or name not in expected:
             raise Refused(f"output {name!r} is in only one of the probe record and the signature", "probe")

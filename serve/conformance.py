@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.checks import PROBE_ATOL, PROBE_IMAGES, PROBE_OUTPUTS
+from common import layout
+from serve.checks import PROBE_ATOL
 
 # Routes of one server answer from the same graph; they differ only in how
 # numbers travel (JSON text or raw bytes), which a float32 survives exactly.
 AGREE_ATOL = 1e-6
-BYTES_SIGNATURE = "predict_image_bytes"
+BYTES_SIGNATURE, SIGNATURE = layout.BYTES_SIGNATURE, layout.SIGNATURE
 # A SignatureDef's dtypes as TF Serving names them, as v2 datatypes and numpy dtypes.
 DTYPES = {"DT_FLOAT": ("FP32", np.float32), "DT_DOUBLE": ("FP64", np.float64), "DT_HALF": ("FP16", np.float16),
           "DT_INT32": ("INT32", np.int32), "DT_INT64": ("INT64", np.int64), "DT_UINT8": ("UINT8", np.uint8),
@@ -268,8 +269,8 @@ class Conformance:
             # Only the signatures it sends to: TF Serving lists __saved_model_init_op too, of dtype DT_INVALID.
             self.signatures = {key: ({k: Tensor.parse(k, v) for k, v in sig["inputs"].items()},
                                      {k: Tensor.parse(k, v) for k, v in sig["outputs"].items()})
-                               for key, sig in defs.items() if key in ("serving_default", BYTES_SIGNATURE)}
-            inputs, self.outputs = self.signatures["serving_default"]
+                               for key, sig in defs.items() if key in (SIGNATURE, BYTES_SIGNATURE)}
+            inputs, self.outputs = self.signatures[SIGNATURE]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise Fail(f"metadata.signature_def.signature_def has no serving_default inputs and outputs "
                        f"as TF Serving writes them ({type(exc).__name__}: {exc})") from None
@@ -288,7 +289,7 @@ class Conformance:
 
     def _predict(self, path: str, form: str, signature: str | None = None, values=None) -> dict[str, np.ndarray]:
         """A :predict answer as arrays, after checking its form against TF Serving's for the signature."""
-        inputs, outputs = self.signatures[signature or "serving_default"]
+        inputs, outputs = self.signatures[signature or SIGNATURE]
         values = self.images.tolist() if values is None else values
         n = len(values)
         payload = {"inputs": {next(iter(inputs)): values}} if form == "named inputs" else {form: values}
@@ -489,10 +490,9 @@ class Conformance:
 
 
 def _record(version_dir: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    extra = Path(version_dir) / "assets.extra"
     try:
-        images = np.load(extra / PROBE_IMAGES, allow_pickle=False)
-        with np.load(extra / PROBE_OUTPUTS, allow_pickle=False) as outputs:
+        images = np.load(Path(version_dir) / layout.PROBE_IMAGES, allow_pickle=False)
+        with np.load(Path(version_dir) / layout.PROBE_OUTPUTS, allow_pickle=False) as outputs:
             return images, dict(outputs)
     except (OSError, ValueError) as exc:
         raise Unusable(f"--export {version_dir}: no probe record in assets.extra/ ({exc})") from None

@@ -11,7 +11,8 @@ import threading
 import numpy as np
 
 from serve import checks, metrics, models, rollout
-from serve.backends import CLASS_NAMES, Loaded, Unavailable
+from common import layout
+from serve.backends import Loaded, Unavailable
 from serve.images import BadInput
 from serve.settings import Settings
 
@@ -140,14 +141,12 @@ class InProcess:
 
         path = models.local_path(self.base, version, self.settings.cache_dir)
         signatures = tf.saved_model.load(str(path)).signatures
-        signature = signatures["serving_default"]
+        signature = signatures[layout.SIGNATURE]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
         if not checks.check(path, signature, self.settings.min_accuracy):
             log.warning("%s version %d has no probe record (exported before the job wrote one): "
                         "served unchecked", self.name, version)
-        labels_file = path / "assets" / "labels.txt"
-        # One name per line, as the job writes them: a name may hold spaces ("red square").
-        labels = tuple(labels_file.read_text(encoding="utf-8").splitlines()) if labels_file.is_file() else CLASS_NAMES
+        labels = layout.labels(path)
         # The SignatureDefs as saved, which is what TF Serving's metadata reports.
         from tensorflow.core.protobuf import saved_model_pb2
 

@@ -1,47 +1,32 @@
 """Finding and loading exported versions under a model base
-(`<export.uri>/<model_name>`), local or on S3.
-
-The job publishes a version whole: a local version directory appears by
-rename; an S3 version counts once its `_COMPLETE` marker exists. Anything
-else under the base (staging, half-uploaded versions) is ignored. The marker
-is a manifest, `{relative path: SHA-256}`: a download fetches exactly those
-files and checks each, so an object replaced or damaged after publishing is
-refused rather than served. This reads the job's layout without importing
-the job: the two ship as separate images.
+(`<export.uri>/<model_name>`), local or on S3, as common/layout.py lays
+them out: only complete versions count, and an S3 download is checked
+against the version's manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-MARKER = "_COMPLETE"
+from common import layout
 
-
-class VersionError(Exception):
-    """A published version whose objects disagree with its manifest: not to be served."""
+# A version not to be served: its files disagree with its manifest (or a check refused it).
+VersionError = layout.LayoutError
 
 
 def versions(base: str) -> list[int]:
     """Complete version numbers under `base`, ascending."""
     if base.startswith("s3://"):
         bucket, prefix = _split(base)
-        found = set()
-        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) + 1:].split("/")
-                if len(rel) == 2 and rel[1] == MARKER and rel[0].isdigit():
-                    found.add(int(rel[0]))
-        return sorted(found)
-    root = Path(base)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        keys = [obj["Key"][len(prefix) + 1:]
+                for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+                for obj in page.get("Contents", [])]
+        return sorted(int(name) for name in layout.published(keys) if name.isdigit())
+    return layout.local_versions(Path(base))
 
 
 def fingerprint(base: str, version: int) -> str:
@@ -49,7 +34,7 @@ def fingerprint(base: str, version: int) -> str:
     checked again only then."""
     if base.startswith("s3://"):
         bucket, prefix = _split(base)
-        return _s3().head_object(Bucket=bucket, Key=f"{prefix}/{version}/{MARKER}")["ETag"]
+        return _s3().head_object(Bucket=bucket, Key=f"{prefix}/{version}/{layout.MARKER}")["ETag"]
     root = Path(base) / str(version)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
@@ -85,17 +70,8 @@ def _download(bucket: str, version_prefix: str, into: Path) -> None:
 
     client = _s3()
     where = f"s3://{bucket}/{version_prefix}"
-    body = client.get_object(Bucket=bucket, Key=f"{version_prefix}/{MARKER}")["Body"].read()
-    try:
-        manifest = json.loads(body)
-        if not isinstance(manifest, dict) or not all(isinstance(d, str) for d in manifest.values()):
-            raise ValueError
-    except ValueError:
-        raise VersionError(f"{where}/{MARKER} is not a manifest of {{file: SHA-256}}") from None
-    for rel, digest in manifest.items():
-        if {"", ".", ".."} & set(rel.split("/")):
-            # A path like "../x" would write outside the download folder.
-            raise VersionError(f"{where}/{MARKER} lists {rel!r}, which is not a file inside the version")
+    body = client.get_object(Bucket=bucket, Key=f"{version_prefix}/{layout.MARKER}")["Body"].read()
+    for rel, digest in layout.read_manifest(body, where).items():
         target = into / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -103,15 +79,8 @@ def _download(bucket: str, version_prefix: str, into: Path) -> None:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
                 raise
-            raise VersionError(f"{where}/{rel} is listed in its {MARKER} manifest but missing") from None
-        if _sha256(target) != digest:
-            raise VersionError(f"{where}/{rel} is corrupt: its SHA-256 differs from the one its "
-                               f"{MARKER} manifest recorded when it was published")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+            raise VersionError(f"{where}/{rel} is listed in its {layout.MARKER} manifest but missing") from None
+        layout.check_file(target, digest, f"{where}/{rel}")
 
 
 def _split(uri: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
 from serve import images, metrics, schemas
 from serve.backends import Unavailable
 from serve.images import BadInput
@@ -94,10 +95,6 @@ def readyz():
 
 # --- TF Serving REST ----------------------------------------------------------
 
-INPUT = "images"
-# The export's second signature: encoded images, decoded inside the model.
-BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
-
 
 def _outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The outputs the model answered, in name order as TF Serving writes them, strings as text."""
@@ -159,8 +156,8 @@ def v1_predict(name, version=None, label=None):
         _loaded_or_404(name, version, label)
     body = _body(schemas.PredictRequest)
     by_bytes = body.signature_name == BYTES_SIGNATURE
-    if body.signature_name not in (None, "serving_default", BYTES_SIGNATURE):
-        raise BadInput(f"unknown signature_name {body.signature_name!r}; use serving_default or {BYTES_SIGNATURE}")
+    if body.signature_name not in (None, SIGNATURE, BYTES_SIGNATURE):
+        raise BadInput(f"unknown signature_name {body.signature_name!r}; use {SIGNATURE} or {BYTES_SIGNATURE}")
     expected = BYTES_INPUT if by_bytes else INPUT
     if body.instances is not None:
         where, values = "instances", body.instances
@@ -231,7 +228,7 @@ def v2_metadata(name, version=None):
     loaded = _v2_loaded(name, version)
     if loaded is None:
         raise Unavailable(f"model {name!r} has no version loaded yet")
-    signature = _predictor().backend.signature_defs(loaded.version)["serving_default"]
+    signature = _predictor().backend.signature_defs(loaded.version)[SIGNATURE]
 
     def tensors(infos):
         return [{"name": key, "datatype": V2_FROM_TF.get(info.dtype, f"TF_DTYPE_{info.dtype}"),

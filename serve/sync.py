@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from common import layout
 from serve import checks, models
 
 log = logging.getLogger("serve.sync")
@@ -62,7 +63,7 @@ def sync_once(source: str, dest: Path, min_accuracy: float | None = None) -> lis
 def _check(path: Path, min_accuracy: float | None) -> None:
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    signature = tf.saved_model.load(str(path)).signatures[layout.SIGNATURE]
     if not checks.check(path, signature, min_accuracy):
         log.warning("%s has no probe record (exported before the job wrote one): mirrored unchecked", path)
 

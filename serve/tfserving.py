@@ -19,14 +19,15 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serve.backends import CLASS_NAMES, Loaded, UpstreamError
+from common import layout
+from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
+from serve.backends import Loaded, UpstreamError
 from serve.batching import request_ids
 from serve.settings import Settings
 
 log = logging.getLogger("serve")
 
-SIGNATURE, INPUT, OUTPUT = "serving_default", "images", "probabilities"
-BYTES_SIGNATURE, BYTES_INPUT = "predict_image_bytes", "image_bytes"
+OUTPUT = layout.PROBABILITIES
 # gRPC refuses to *receive* messages over 4 MB by default (sending is
 # unbounded). TF Serving lifts its own receive limit to 2 GB, so a batch of
 # ~1400+ images (3 KB each) gets through; we lift ours for large answers, and
@@ -144,7 +145,7 @@ class TFServing:
             version = response.model_spec.version.value
         else:  # an older server that does not say: the newest it reported
             version = self.current.version if self.current else 0
-        return outputs, Loaded(version, None, CLASS_NAMES)
+        return outputs, Loaded(version, None, layout.CIFAR10_CLASSES)
 
     def _outputs(self, response, count: int) -> dict[str, np.ndarray]:
         """Every output TF Serving answered in a dtype a signature of ours has, by name."""
@@ -195,7 +196,7 @@ class TFServing:
             return
         available = [s.version for s in response.model_version_status
                      if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE]
-        newest = Loaded(max(available), None, CLASS_NAMES) if available else None
+        newest = Loaded(max(available), None, layout.CIFAR10_CLASSES) if available else None
         if newest != self.current:
             log.info("TF Serving at %s serves %s version %s", self.address, self.name,
                      newest.version if newest else "none")

@@ -9,6 +9,7 @@ import boto3
 import numpy as np
 import pytest
 
+from common import layout
 from conftest import wait_until
 from job import export, model
 from serve import models
@@ -32,8 +33,8 @@ def republish(bucket: str, src: str, dst: str, damage: dict[str, bytes | None] |
     damage = damage or {}
     client = boto3.client("s3")
     rels = [o["Key"][len(src) + 1:] for o in client.list_objects_v2(Bucket=bucket, Prefix=src + "/")["Contents"]]
-    rels.sort(key=lambda rel: rel == models.MARKER)
-    assert DATA in rels and rels[-1] == models.MARKER
+    rels.sort(key=lambda rel: rel == layout.MARKER)
+    assert DATA in rels and rels[-1] == layout.MARKER
     for rel in rels:
         if rel not in damage:
             client.copy_object(Bucket=bucket, Key=f"{dst}/{rel}", CopySource={"Bucket": bucket, "Key": f"{src}/{rel}"})
@@ -95,7 +96,7 @@ def test_a_manifest_cannot_write_outside_the_download(s3, tmp_path):
     client = boto3.client("s3")
     client.put_object(Bucket=s3, Key="m/cifar10/1/x", Body=b"x")
     client.put_object(Bucket=s3, Key="m/cifar10/1/_COMPLETE", Body=b'{"../../escaped": "00"}')
-    with pytest.raises(models.VersionError, match="not a file inside the version"):
+    with pytest.raises(models.VersionError, match="not a file inside the directory"):
         models.local_path(f"s3://{s3}/m/cifar10", 1, str(tmp_path / "a" / "cache"))
     assert not (tmp_path / "a" / "escaped").exists() and not (tmp_path / "escaped").exists()
 
