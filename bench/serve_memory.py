@@ -21,6 +21,19 @@ no other process maps, so what stopping this one frees), Pss (each shared
 page divided among the processes mapping it, which includes any other
 process on the machine using the same TensorFlow install) and VmHWM (the
 peak RSS).
+
+    .venv/bin/python bench/serve_memory.py --variants [SPEC] [--rounds 3] [--duration 15] [--out FILE]
+
+Variants: what lowers a worker's memory, and what it costs in throughput.
+Each variant is a set of environment variables for the service (SPEC: `;`
+between variants, `,` between NAME=value; without SPEC, VARIANTS below), run
+against the service's defaults, interleaved (defaults, each variant, then
+again) for `--rounds` rounds, one server at a time, with simple_cnn. Each run
+starts the service, sends the same 300 new-connection requests, then drives
+it with serve_bench's load (wrk, 32 connections, one single-image TF Serving
+REST body): a 3 s warm-up, then `--duration` s measured (req/s, and the
+server's CPU ms per request from /proc), then reads /proc again. Medians
+over rounds, and each variant's ratio to the defaults in the same run.
 """
 
 from __future__ import annotations
@@ -48,7 +61,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 SAMPLES = sorted((ROOT / "serve" / "static" / "samples").glob("*.png"))
-STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "Threads")
+# Candidates for a smaller worker, each against the defaults (2 workers of 16 threads on 2 cores).
+VARIANTS = ("SERVE_WORKERS=1,SERVE_THREADS=32",  # one TensorFlow runtime instead of one per core
+            "SERVE_TF_THREADS=1",  # TensorFlow's intra-op and inter-op pools, one thread each
+            "SERVE_TF_THREADS=2",  # what TensorFlow picks itself on 2 cores: the noise floor
+            "MALLOC_ARENA_MAX=2",  # glibc's malloc makes up to 8 arenas per core for many threads
+            "TF_ENABLE_ONEDNN_OPTS=0")  # TensorFlow's oneDNN kernels off
 
 
 def free_port() -> int:
@@ -60,13 +79,14 @@ def free_port() -> int:
 def memory(pid: int) -> dict:
     """The process's memory figures, in MiB."""
     status = Path(f"/proc/{pid}/status").read_text()
-    values = {f: int(re.search(rf"^{f}:\s+(\d+) kB", status, re.M).group(1)) for f in STATUS_FIELDS}
+    values = {f: int(re.search(rf"^{f}:\s+(\d+)", status, re.M).group(1)) for f in STATUS_FIELDS}
+    threads = values.pop("Threads")
     rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     rollup_kb = {f: int(re.search(rf"^{f}:\s+(\d+) kB", rollup, re.M).group(1))
                  for f in ("Pss", "Private_Clean", "Private_Dirty")}
     values["Pss"] = rollup_kb["Pss"]
     values["Uss"] = rollup_kb["Private_Clean"] + rollup_kb["Private_Dirty"]
-    return {k: round(v / 1024, 1) for k, v in values.items()}
+    return {**{k: round(v / 1024, 1) for k, v in values.items()}, "Threads": threads}
 
 
 def children(pid: int) -> list[int]:
@@ -94,11 +114,15 @@ def request(url: str, i: int) -> None:
         r.read()
 
 
-def measure(base: Path, workers: int, requests: int, tmp: Path) -> dict:
+def start(base: Path, workers: int | None, tmp: Path, env: dict | None = None) -> tuple:
+    """Start the service alone; return (process, url, worker pids, log path) once every worker holds the model."""
     port = free_port()
-    url, log_path = f"http://127.0.0.1:{port}", tmp / f"serve-{workers}.log"
-    env = {**os.environ, "SERVE_WORKERS": str(workers),
+    url, log_path = f"http://127.0.0.1:{port}", tmp / f"serve-{port}.log"
+    env = {**os.environ, **({"SERVE_WORKERS": str(workers)} if workers else {}), **(env or {}),
+           # Stopping takes SERVE_DRAIN_SECONDS otherwise; memory and throughput do not depend on it.
+           "SERVE_DRAIN_SECONDS": "0",
            "GUNICORN_CMD_ARGS": "--access-logformat 'pid=%(p)s \"%(r)s\" %(s)s'"}
+    workers = int(env.get("SERVE_WORKERS") or min(len(os.sched_getaffinity(0)), 4))
     proc = subprocess.Popen([str(BIN / "cifar-serve"), "--model-uri", str(base), "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -115,37 +139,144 @@ def measure(base: Path, workers: int, requests: int, tmp: Path) -> dict:
                 sys.exit(f"serve_memory: the service never became ready; its log ends:\n"
                          f"{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        # /readyz answers once any one worker has loaded the model; "ready" memory is after every worker has.
         pids = children(proc.pid)
         assert len(pids) == workers, f"expected {workers} workers under {proc.pid}, found {pids}"
-        while not set(pids) <= {int(p) for p in re.findall(r"\[(\d+)\] \[INFO\] serve: serving ",
+        # "Ready" memory is once every worker has loaded the model, as each one logs.
+        while not set(pids) <= {int(p) for p in re.findall(r"\[(\d+)\] \[INFO\] serve: .* loaded in this worker",
                                                             log_path.read_text())}:
             if time.monotonic() > deadline:
                 sys.exit(f"serve_memory: not every worker loaded the model; its log ends:\n"
                          f"{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url, pids, log_path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def every_worker_answers(url: str, pids: list[int], requests: int, log_path: Path) -> Counter:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: request(url, i), range(requests)))
+    time.sleep(1)  # the access log line is written after the response
+    answered = Counter(int(p) for p in re.findall(r"^pid=<(\d+)> \"POST ", log_path.read_text(), re.M))
+    idle = [pid for pid in pids if not answered[pid]]
+    assert not idle, f"workers {idle} answered no request: {dict(answered)}"
+    return answered
+
+
+def measure(base: Path, workers: int, requests: int, tmp: Path) -> dict:
+    proc, url, pids, log_path = start(base, workers, tmp)
+    try:
         ready = {pid: memory(pid) for pid in [proc.pid, *pids]}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: request(url, i), range(requests)))
-        time.sleep(1)  # the access log line is written after the response
-        answered = Counter(int(p) for p in re.findall(r"^pid=<(\d+)> \"POST ", log_path.read_text(), re.M))
-        idle = [pid for pid in pids if not answered[pid]]
-        assert not idle, f"workers {idle} answered no request: {dict(answered)}"
+        answered = every_worker_answers(url, pids, requests, log_path)
         warm = {pid: memory(pid) for pid in [proc.pid, *pids]}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     return {"workers": workers, "requests": requests,
             "processes": [{"role": "master" if pid == proc.pid else "worker", "pid": pid,
                            "answered": answered.get(pid, 0), "ready": ready[pid], **warm[pid]}
                           for pid in [proc.pid, *pids]]}
 
 
+def measure_variant(base: Path, env: dict, requests: int, duration: int, tmp: Path) -> dict:
+    """One run of one variant: memory once ready, then under serve_bench's load, and throughput."""
+    from bench import serve_bench
+
+    proc, url, pids, log_path = start(base, None, tmp, env)
+    try:
+        ready = {pid: memory(pid) for pid in pids}
+        every_worker_answers(url, pids, requests, log_path)
+        port = int(url.rsplit(":", 1)[1])
+        serve_bench.wrk(port, 3, tmp / "post.lua", 32)  # warm-up: connections, thread pools
+        cpu = serve_bench.group_cpu_seconds(proc.pid)
+        run = serve_bench.wrk(port, duration, tmp / "post.lua", 32)
+        run["cpu_ms_per_request"] = (serve_bench.group_cpu_seconds(proc.pid) - cpu) * 1000 / run["requests"]
+        time.sleep(1)
+        master, warm = memory(proc.pid), [memory(pid) for pid in pids]
+    finally:
+        stop(proc)
+    # What the service holds: what each process holds alone, plus one copy of
+    # what the workers share (TensorFlow's libraries), counted once.
+    total = master["Uss"] + sum(w["Uss"] for w in warm) + max(w["VmRSS"] - w["Uss"] for w in warm)
+    return {**run, "workers": len(pids), "master": master, "ready": [ready[pid] for pid in pids],
+            "warm": warm, "total_mib": round(total, 1),
+            "pss_sum_mib": round(master["Pss"] + sum(w["Pss"] for w in warm), 1)}
+
+
+def compare(spec: str | None, rounds: int, requests: int, duration: int, out: str | None) -> None:
+    import statistics
+
+    import numpy as np
+
+    from job import export, model
+
+    variants = {"defaults": {}}
+    for variant in (spec.split(";") if spec else VARIANTS):
+        variants[variant] = dict(kv.split("=", 1) for kv in variant.split(","))
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        export.export(model.build("simple_cnn"), str(tmp / "export"), "cifar10", {}, np.zeros((4, 32, 32, 3), np.uint8))
+        from bench import serve_bench
+
+        image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).tolist()
+        (tmp / "body.json").write_text(json.dumps({"instances": [image]}))
+        (tmp / "post.lua").write_text(serve_bench.LUA.format(body=tmp / "body.json"))
+        for r in range(rounds):  # interleaved: drift on a shared machine lands on every variant alike
+            for name, env in variants.items():
+                run = measure_variant(tmp / "export" / "cifar10", env, requests, duration, tmp)
+                runs[name].append(run)
+                print(f"round {r + 1} {name}: {run['rps']:.0f} req/s, {run['cpu_ms_per_request']:.2f} CPU ms/request, "
+                      f"worker RSS {[w['VmRSS'] for w in run['warm']]}, USS {[w['Uss'] for w in run['warm']]}, "
+                      f"total {run['total_mib']:.0f} MiB", file=sys.stderr, flush=True)
+
+    def med(values):
+        return statistics.median(values)
+
+    summary = {}
+    for name, rs in runs.items():
+        workers = [w for run in rs for w in run["warm"]]  # every worker of every round
+        summary[name] = {"workers": rs[0]["workers"], "threads": med(w["Threads"] for w in workers),
+                         "rss_ready": med(w["VmRSS"] for run in rs for w in run["ready"]),
+                         **{k: med(w[k] for w in workers) for k in ("VmRSS", "Pss", "Uss", "RssAnon", "VmHWM")},
+                         "total_mib": med(run["total_mib"] for run in rs), "rps": med(run["rps"] for run in rs),
+                         "cpu_ms_per_request": med(run["cpu_ms_per_request"] for run in rs),
+                         "p99_ms": med(run["p99_ms"] for run in rs), "errors": sum(run["errors"] for run in rs),
+                         "rps_rounds": [round(run["rps"]) for run in rs],
+                         "total_rounds": [round(run["total_mib"]) for run in rs]}
+    base = summary["defaults"]
+    print("| variant | workers | threads/worker | RSS ready | RSS warm | Pss | USS | RssAnon | service total | "
+          "vs defaults (memory) | req/s (median) | per round | vs defaults (req/s) | CPU ms/request "
+          "| vs defaults (CPU/request) | p99 ms | errors |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['workers']} | {s['threads']:.0f} | {s['rss_ready']:.0f} | {s['VmRSS']:.0f} "
+              f"| {s['Pss']:.0f} | {s['Uss']:.0f} | {s['RssAnon']:.0f} | {s['total_mib']:.0f} "
+              f"| {s['total_mib'] / base['total_mib']:.2f}x "
+              f"| {s['rps']:,.0f} | {', '.join(f'{v:,}' for v in s['rps_rounds'])} | {s['rps'] / base['rps']:.2f}x "
+              f"| {s['cpu_ms_per_request']:.2f} | {base['cpu_ms_per_request'] / s['cpu_ms_per_request']:.2f}x "
+              f"| {s['p99_ms']:.0f} | {s['errors']} |")
+    print("(MiB, per worker, medians over every worker of every round; service total: master and workers' USS "
+          "plus the workers' shared pages once)")
+    record = {"machine": machine(), "rounds": rounds, "duration_s": duration, "summary": summary, "runs": runs}
+    print(json.dumps({"machine": record["machine"], "summary": summary}))
+    if out:
+        Path(out).write_text(json.dumps(record, indent=2))
+
+
 def machine() -> dict:
+    from common.tfquiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     import tensorflow as tf
 
     meminfo = Path("/proc/meminfo").read_text()
@@ -162,7 +293,15 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated SERVE_WORKERS values")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", help="write the results as JSON")
+    parser.add_argument("--variants", nargs="?", const="", default=None,
+                        help="compare service variants (NAME=value,...;NAME=value) with the defaults; "
+                             "alone: the built-in list")
+    parser.add_argument("--rounds", type=int, default=3, help="with --variants")
+    parser.add_argument("--duration", type=int, default=15, help="seconds of measured load, with --variants")
     args = parser.parse_args()
+    if args.variants is not None:
+        compare(args.variants or None, args.rounds, args.requests, args.duration, args.out)
+        return
 
     import numpy as np
 

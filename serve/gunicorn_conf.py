@@ -1,8 +1,9 @@
 """gunicorn settings for `cifar-serve` (and `gunicorn -c serve/gunicorn_conf.py`).
 
-One worker per core (at most 4) with many threads by default: the batched
-model is cheap, and what bounds throughput is each request's Python, which
-one process runs on one core at a time. The app is built in each worker
+One worker per core (at most 4, fewer where memory is short: serve/settings.py)
+with many threads by default: the batched model is cheap, and what bounds
+throughput is each request's Python, which one process runs on one core at
+a time. The app is built in each worker
 after fork (no preload), so TensorFlow is never loaded in the master.
 """
 
@@ -66,6 +67,12 @@ def post_fork(server, worker):
         from common.tfquiet import import_tensorflow_quietly
 
         import_tensorflow_quietly()
+    if _settings.tf_threads:
+        import tensorflow as tf
+
+        # Only before the first op: TensorFlow sizes its pools once, when its runtime starts.
+        tf.config.threading.set_intra_op_parallelism_threads(_settings.tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(_settings.tf_threads)
 
 
 def child_exit(server, worker):

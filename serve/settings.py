@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,40 @@ from serve import models
 # SageMaker exported into the same path (SM_MODEL_DIR), so the archive holds
 # `<model_name>/<version>/`. An archive packed by hand may hold bare `<version>/`.
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+
+# Measured (docs/benchmarks.md, Serving memory, Variants): a service with one
+# worker holds about 670 MiB, each further worker about 250 MiB more. Counting
+# 512 MiB for the service and 512 MiB per worker leaves each worker about twice
+# what it was measured to need, for bursts of large requests.
+WORKER_MEMORY = 512 * 2**20
+# cgroup v2, then v1: the container's memory limit, which the kernel enforces by killing.
+CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+MEMINFO = Path("/proc/meminfo")
+
+
+def memory_for_workers() -> int | None:
+    """Bytes the service may use: the lower of the cgroup's memory limit and
+    MemAvailable (which a container reads from its host); None if neither is known."""
+    known = []
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:  # v2 writes "max" for no limit, v1 a number near 2**63
+            known.append(int(value))
+    try:
+        known.append(int(re.search(r"^MemAvailable:\s+(\d+) kB", MEMINFO.read_text(), re.M).group(1)) * 1024)
+    except (OSError, AttributeError):
+        pass
+    return min(known) if known else None
+
+
+def default_workers() -> int:
+    """One per core, at most 4, and no more than the memory holds (at least one)."""
+    cores = min(len(os.sched_getaffinity(0)), 4)
+    memory = memory_for_workers()
+    return cores if memory is None else max(1, min(cores, memory // WORKER_MEMORY - 1))
 
 
 def _sagemaker_model_uri() -> str | None:
@@ -46,9 +81,15 @@ class Settings(BaseSettings):
     # One process runs one request's Python (JSON, validation) at a time, and
     # that, not the batched model, is what bounds throughput; so one worker
     # per core, each with its own copy of the model and its own batcher. At
-    # most 4 by default: each worker also holds a TensorFlow runtime.
-    workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 4), ge=1)
+    # most 4 by default, and fewer where memory is short: each worker also
+    # holds a TensorFlow runtime (default_workers).
+    workers: int = Field(default_factory=default_workers, ge=1)
     threads: int = Field(16, ge=1)
+    # TensorFlow's intra-op and inter-op thread pools in each worker, both this
+    # size; unset, TensorFlow sizes each to every core the worker sees, in every
+    # worker, CPU quota or not. Set in the worker before TensorFlow starts its
+    # runtime. On 2 cores, 1 changed neither memory nor throughput (docs/benchmarks.md).
+    tf_threads: int | None = Field(None, ge=1)
 
     poll_seconds: float = Field(5.0, gt=0)
     max_batch_size: int = Field(32, ge=1)

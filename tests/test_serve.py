@@ -426,3 +426,24 @@ def test_a_signature_with_one_output_answers_bare_values_as_tf_serving_does():
     columns = client.post("/v1/models/cifar10:predict", json={"inputs": PIXELS[:2].tolist()}).json
     expected = np.full((2, 10), 0.1, np.float32).tolist()
     assert row == {"predictions": expected} and columns == {"outputs": expected}
+
+
+@pytest.mark.parametrize("cgroup, available_gib, cores, expected", [
+    ("max", 64, 8, 4),  # no limit, plenty of memory: one per core, at most 4
+    ("max", 64, 2, 2),
+    (str(1 * 2**30), 64, 4, 1),  # a 1 GiB container: 4 workers need about 1.4 GiB by the measured figures
+    (str(3 * 2**29), 64, 4, 2),  # 1.5 GiB
+    (str(3 * 2**30), 64, 4, 4),
+    ("9223372036854771712", 1, 4, 1),  # cgroup v1's "no limit", and 1 GiB available on the host
+    (str(2**29), 64, 4, 1),  # below what one worker needs: still one
+])
+def test_default_workers_follow_cores_and_memory(tmp_path, monkeypatch, cgroup, available_gib, cores, expected):
+    from serve import settings
+
+    (tmp_path / "memory.max").write_text(cgroup + "\n")
+    (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {available_gib * 2**20} kB\n")
+    monkeypatch.setattr(settings, "CGROUP_MEMORY_LIMITS", (tmp_path / "memory.max", tmp_path / "absent"))
+    monkeypatch.setattr(settings, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.delenv("SERVE_WORKERS", raising=False)
+    assert Settings().workers == expected

@@ -216,3 +216,19 @@ def test_a_switch_waits_for_every_live_worker_and_is_made_once(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(tmp_path, net, service):
+    base = tmp_path / "cifar10"
+    publish(base, net)
+    # 5: not what TensorFlow would choose itself here, unless the machine has exactly 5 cores.
+    svc = service(base, 2, SERVE_TF_THREADS="5")
+    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    assert [svc.predict() for _ in range(8)] == [(200, "1")] * 8
+    workers = [int(p) for p in open(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read().split()]
+    assert len(workers) == 2
+    for pid in workers:
+        names = [open(f"/proc/{pid}/task/{t}/comm").read().strip() for t in os.listdir(f"/proc/{pid}/task")]
+        # TensorFlow names its inter-op pool's threads tf_Compute; it starts them once, with its runtime,
+        # so a setting applied after that would have failed the worker instead.
+        assert names.count("tf_Compute") == 5, names
