@@ -4,6 +4,10 @@ steps — progress, evaluation, early stopping, checkpoints, SIGTERM, export.
 A run is a function of its config: stopped anywhere and restarted, it
 carries on from the last committed checkpoint and, with
 `train.deterministic`, ends exactly where an uninterrupted run ends.
+
+`_run` reads top to bottom in phases: resume (or find the run finished),
+build, train, finish. The benches build and step through `build` and
+`chunks` too, so that they measure what the job runs.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import math
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import keras
 import tensorflow as tf
 
 from job import data, distribute, export, model, optim, sources, storage
@@ -130,204 +136,296 @@ def run(cfg: Config, console: Console) -> Result:
 
 def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: CheckpointStore, lease: Lease | None,
          sigterm: _SigtermFlag) -> Result:
+    # Resume or finished: where the run starts, and whether it has anything left to do.
+    start = _starting_point(cfg, store, console)
+    if start.latest and start.latest.get("finished") and _reached_stop(cfg, start.latest):
+        return _already_finished(start.latest, console)
+
+    # Build: the data, what trains on it, and the state a resume restores.
+    splits = sources.load(cfg)
+    if start.latest is not None:
+        _check_data(cfg, start.latest, splits.checksum, start.where)
+    console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
+                 f"examples ({cfg.data.source}, {splits.checksum[:19]})")
+    parts = build(cfg, splits, cluster.strategy)
+    history = None
+    if cluster.is_chief:
+        history = History(cfg.checkpoint.uri, store.uploader)
+        store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
+    _restore(start, parts, history, console)
+
+    # Train: epochs of compiled calls up to the target step or an early stop.
+    val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
+    checkpointer = Checkpointer(cfg, store, parts, start.latest, splits.checksum, cluster.is_chief, lease)
+    if start.source is not store:
+        # A checkpoint of its own at once: from here the run needs nothing
+        # of the one it restarted from.
+        checkpointer.commit()
+    _train(cfg, console, cluster, parts, checkpointer, history, val_ds, sigterm)
+
+    # Finish: the chief evaluates, exports and records the export.
+    step = int(parts.progress.step.numpy())
+    if not cluster.is_chief:
+        console.info(f"trained to step {step}; the chief evaluates and exports")
+        return Result(step, math.nan, math.nan, None, None)
+    return _finish(cfg, console, cluster, store, parts, checkpointer, splits)
+
+
+# -- Resume or finished ------------------------------------------------------
+
+@dataclass
+class Start:
+    """The store and checkpoint record a run continues from (no record: a new
+    run), and for a new run warm-started by model.init_from, the store and
+    record of the checkpoint holding its first weights."""
+
+    source: CheckpointStore
+    latest: dict | None
+    # The checkpoint's URI where checkpoint.resume_from chose it rather than
+    # the run's own newest.
+    restarted_from: str | None = None
+    init: tuple[CheckpointStore, dict] | None = None
+
+    @property
+    def where(self) -> str:
+        return self.restarted_from or self.source.uri
+
+
+def _starting_point(cfg: Config, store: CheckpointStore, console: Console) -> Start:
     latest = None if cfg.checkpoint.resume == "never" else store.latest()
-    # From here `latest` is the record of the checkpoint this run continues
-    # from: its own newest, or the one checkpoint.resume_from names.
-    source, latest, restarted_from = _starting_point(cfg, store, latest, console)
-    if cfg.checkpoint.resume == "required" and latest is None:
+    start = _resume_from(cfg, store, latest, console)
+    if cfg.checkpoint.resume == "required" and start.latest is None:
         raise ConfigError(f"checkpoint.resume is 'required' but {cfg.checkpoint.uri} holds no committed checkpoint")
-    if latest is not None:
-        _check_fingerprint(cfg, latest, restarted_from or source.uri)
-    init_store = init_record = None
-    if latest is None and cfg.model.init_from:
+    if start.latest is not None:
+        _check_fingerprint(cfg, start.latest, start.where)
+    elif cfg.model.init_from:
         # Only a new run is warm-started: a retried one resumes its own checkpoint.
         init_store, init_record = _checkpoint_at(cfg.model.init_from, "model.init_from", store)
         _check_architecture(cfg, init_record, storage.join(init_store.uri, init_record["checkpoint"]))
-    if latest and latest.get("finished") and _reached_stop(cfg, latest):
-        ex = latest["export"]
-        console.info(f"run already finished at step {latest['step']}; model version {ex['version']} "
-                     f"at {ex['uri']}; nothing to do")
-        return Result(latest["step"], ex.get("test_accuracy", math.nan), ex.get("test_loss", math.nan),
-                      ex["version"], ex["uri"])
+        start.init = (init_store, init_record)
+    return start
 
-    splits = sources.load(cfg)
-    if latest is not None:
-        _check_data(cfg, latest, splits.checksum, restarted_from or source.uri)
-    console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, {len(splits.x_test)} test "
-                 f"examples ({cfg.data.source}, {splits.checksum[:19]})")
+
+def _already_finished(latest: dict, console: Console) -> Result:
+    ex = latest["export"]
+    console.info(f"run already finished at step {latest['step']}; model version {ex['version']} "
+                 f"at {ex['uri']}; nothing to do")
+    return Result(latest["step"], ex.get("test_accuracy", math.nan), ex.get("test_loss", math.nan),
+                  ex["version"], ex["uri"])
+
+
+# -- Build -------------------------------------------------------------------
+
+@dataclass
+class Parts:
+    """What a run trains, and the checkpoint that holds all of it."""
+
+    stream: data.TrainStream
+    model: keras.Model
+    schedule: optim.Schedule
+    optimizer: keras.optimizers.Optimizer
+    trainer: Trainer
+    progress: Progress
+    checkpoint: tf.train.Checkpoint
+
+
+def build(cfg: Config, splits: sources.Splits, strategy: tf.distribute.Strategy | None = None) -> Parts:
+    """A run's parts as the job builds them (the benches build theirs here
+    too, so that they measure what the job runs)."""
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment,
                               cfg.data.translate)
-    spe = stream.steps_per_epoch
-    with cluster.strategy.scope():
+    with (strategy or tf.distribute.get_strategy()).scope():
         # The whitening layer of airbench reads the first 5,000 training images.
         net = model.build(cfg.model.name, cfg.train.mixed_precision, cfg.model.width, splits.x_train[:5000],
                           seed=cfg.seed)
-        schedule = optim.Schedule(cfg.train, spe)
+        schedule = optim.Schedule(cfg.train, stream.steps_per_epoch)
         optimizer = optim.build_optimizer(cfg.train, schedule)
         trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
     progress = Progress()
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
                                      lr_scale=schedule.scale)
-    history = None
-    if cluster.is_chief:
-        history = History(cfg.checkpoint.uri, store.uploader)
-        store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
+    return Parts(stream, net, schedule, optimizer, trainer, progress, checkpoint)
 
-    if latest is not None:
-        source.restore(checkpoint, latest["step"])
+
+def _restore(start: Start, parts: Parts, history: History | None, console: Console) -> None:
+    if start.latest is not None:
+        start.source.restore(parts.checkpoint, start.latest["step"])
         if history:
-            history.resume(latest["step"])
-        console.info(f"resumed from step {latest['step']}"
-                     + (f" ({restarted_from}, checkpoint.resume_from)" if restarted_from else ""))
-    elif init_record is not None:
-        init_store.restore(tf.train.Checkpoint(model=net), init_record["step"])
+            history.resume(start.latest["step"])
+        console.info(f"resumed from step {start.latest['step']}"
+                     + (f" ({start.restarted_from}, checkpoint.resume_from)" if start.restarted_from else ""))
+    elif start.init is not None:
+        init_store, init_record = start.init
+        init_store.restore(tf.train.Checkpoint(model=parts.model), init_record["step"])
         console.info(f"initialised weights from {storage.join(init_store.uri, init_record['checkpoint'])} "
                      f"(model.init_from); a new optimizer, training from step 0")
-    record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": splits.checksum}
 
-    target = _target_step(cfg, spe)
-    val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
-    es = cfg.train.early_stopping
 
-    clock_start, elapsed_before = time.perf_counter(), float(progress.elapsed.numpy())
-    last_commit = time.monotonic()
+# -- Train -------------------------------------------------------------------
 
-    def training_seconds() -> float:
-        return elapsed_before + time.perf_counter() - clock_start
+@dataclass
+class Chunk:
+    """One compiled call: the steps it ran, where they ended, its last loss and its time."""
 
-    def commit(**fields) -> None:
-        nonlocal record, last_commit
-        last_commit = time.monotonic()
-        progress.elapsed.assign(training_seconds())
-        if not cluster.is_chief:
+    steps: int
+    step: int
+    in_epoch: int
+    ends_epoch: bool
+    loss: float
+    seconds: float
+
+
+def chunks(cfg: Config, parts: Parts, epoch: int, in_epoch: int, target: int) -> Iterator[Chunk]:
+    """The rest of `epoch` from its step `in_epoch` on, up to step `target`,
+    in compiled calls of up to `train.steps_per_loop` steps, each timed and
+    its loss read back."""
+    spe = parts.stream.steps_per_epoch
+    iterator = iter(parts.trainer.strategy.distribute_datasets_from_function(
+        lambda ctx, epoch=epoch, in_epoch=in_epoch: parts.stream.epoch(epoch, in_epoch, ctx)))
+    step = epoch * spe + in_epoch
+    while in_epoch < spe and step < target:
+        # Chunks end on checkpoint boundaries so checkpoints land on
+        # the same steps however steps_per_loop is set.
+        n = min(cfg.train.steps_per_loop, spe - in_epoch, target - step,
+                cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
+        started = time.perf_counter()
+        loss = float(parts.trainer.train_loop(iterator, tf.constant(n)))
+        seconds = time.perf_counter() - started
+        step, in_epoch = step + n, in_epoch + n
+        yield Chunk(n, step, in_epoch, in_epoch == spe, loss, seconds)
+
+
+class Throughput:
+    """Images per second of an epoch's compiled calls. The run's first call
+    traces and compiles; counting it would report the compiler's speed
+    rather than training's, unless it is all an epoch has."""
+
+    def __init__(self, batch_size: int, say):
+        self.batch_size, self.say = batch_size, say
+        self.first_call: tuple[int, float] | None = None
+        self.images, self.seconds = 0, 0.0
+
+    def start_epoch(self) -> None:
+        self.images, self.seconds = 0, 0.0
+
+    def add(self, chunk: Chunk) -> None:
+        if self.first_call is None:
+            self.first_call = (chunk.steps * self.batch_size, chunk.seconds)
+            self.say(f"compiled the training step in {chunk.seconds:.1f}s")
+        else:
+            self.images += chunk.steps * self.batch_size
+            self.seconds += chunk.seconds
+
+    def rate(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def epoch(self) -> tuple[int, float]:
+        """The epoch's (images, seconds)."""
+        if self.images == 0 and self.first_call is not None:
+            return self.first_call
+        return self.images, self.seconds
+
+
+class Checkpointer:
+    """When a checkpoint is due, and committing one: every worker keeps the
+    run's training time in its progress, the chief writes the checkpoint."""
+
+    def __init__(self, cfg: Config, store: CheckpointStore, parts: Parts, latest: dict | None, data_checksum: str,
+                 is_chief: bool = True, lease: Lease | None = None):
+        self.cfg, self.store, self.parts, self.is_chief, self.lease = cfg, store, parts, is_chief, lease
+        self.record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": data_checksum}
+        self._started, self._before = time.perf_counter(), float(parts.progress.elapsed.numpy())
+        self._last_commit = time.monotonic()
+
+    def due(self, chunk: Chunk) -> bool:
+        """At `checkpoint.every_steps`, or `checkpoint.every_seconds` after the
+        last commit; not at an epoch's end, which commits once validated."""
+        ckpt = self.cfg.checkpoint
+        # On spot capacity what a reclaim costs is time, which a step count
+        # does not bound; time is looked at only between compiled calls.
+        time_due = ckpt.every_seconds is not None and time.monotonic() - self._last_commit >= ckpt.every_seconds
+        return (chunk.step % ckpt.every_steps == 0 or time_due) and not chunk.ends_epoch
+
+    def commit(self, **fields) -> None:
+        """A checkpoint of the step reached, `fields` added to its record."""
+        self._last_commit = time.monotonic()
+        progress = self.parts.progress
+        progress.elapsed.assign(self._before + time.perf_counter() - self._started)
+        if not self.is_chief:
             return
-        if lease.lost:
-            raise StorageError(f"another run took the lease on {cfg.checkpoint.uri}; stopping without writing")
-        record = store.save(checkpoint, int(progress.step.numpy()), record, finished=False, steps_per_epoch=spe,
-                            stopped_early=bool(progress.stopped_early.numpy()), **fields)
+        if self.lease is not None and self.lease.lost:
+            raise StorageError(f"another run took the lease on {self.cfg.checkpoint.uri}; stopping without writing")
+        self.record = self.store.save(self.parts.checkpoint, int(progress.step.numpy()), self.record,
+                                      finished=False, steps_per_epoch=self.parts.stream.steps_per_epoch,
+                                      stopped_early=bool(progress.stopped_early.numpy()), **fields)
 
-    if source is not store:
-        # A checkpoint of its own at once: from here the run needs nothing
-        # of the one it restarted from.
-        commit()
 
-    first_call = None
+def _train(cfg: Config, console: Console, cluster: distribute.Cluster, parts: Parts, checkpointer: Checkpointer,
+           history: History | None, val_ds: tf.data.Dataset | None, sigterm: _SigtermFlag) -> None:
+    progress, spe = parts.progress, parts.stream.steps_per_epoch
+    target = _target_step(cfg, spe)
+    meter = Throughput(cfg.train.batch_size, console.info)
     while int(progress.step.numpy()) < target and not bool(progress.stopped_early.numpy()):
         epoch = int(progress.epochs_done.numpy())
         in_epoch = int(progress.step.numpy()) - epoch * spe
         if in_epoch == 0:
-            trainer.reset_sums()
-        iterator = iter(cluster.strategy.distribute_datasets_from_function(
-            lambda ctx, epoch=epoch, in_epoch=in_epoch: stream.epoch(epoch, in_epoch, ctx)))
-        epoch_images, epoch_seconds = 0, 0.0
-        while in_epoch < spe and int(progress.step.numpy()) < target:
-            step = int(progress.step.numpy())
-            # Chunks end on checkpoint boundaries so checkpoints land on
-            # the same steps however steps_per_loop is set.
-            n = min(cfg.train.steps_per_loop, spe - in_epoch, target - step,
-                    cfg.checkpoint.every_steps - step % cfg.checkpoint.every_steps)
-            started = time.perf_counter()
-            loss = float(trainer.train_loop(iterator, tf.constant(n)))
-            elapsed = time.perf_counter() - started
-            if first_call is None:
-                # The first call traces and compiles; counting it would
-                # report the compiler's speed rather than training's,
-                # unless it is all an epoch has.
-                first_call = (n * cfg.train.batch_size, elapsed)
-                console.info(f"compiled the training step in {elapsed:.1f}s")
-            else:
-                epoch_images += n * cfg.train.batch_size
-                epoch_seconds += elapsed
-            if not math.isfinite(loss):
+            parts.trainer.reset_sums()
+        meter.start_epoch()
+        for chunk in chunks(cfg, parts, epoch, in_epoch, target):
+            meter.add(chunk)
+            if not math.isfinite(chunk.loss):
                 raise DivergedError(
-                    f"loss became {loss} at step {step + n}; stopping without checkpointing it "
-                    f"(last committed checkpoint: step {record.get('step', 'none')}). "
+                    f"loss became {chunk.loss} at step {chunk.step}; stopping without checkpointing it "
+                    f"(last committed checkpoint: step {checkpointer.record.get('step', 'none')}). "
                     f"Try a lower train.learning_rate.")
-            progress.step.assign_add(n)
-            in_epoch += n
-            step += n
-            if step % cfg.train.log_every_steps < n or in_epoch == spe:
-                tl, ta = trainer.train_averages()
-                console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=in_epoch,
-                                 steps_per_epoch=spe, step=step, loss=tl, accuracy=ta,
-                                 images_per_second=epoch_images / max(epoch_seconds, 1e-9))
-                if history:
-                    history.scalars(step, **{"train/loss": tl, "train/accuracy": ta,
-                                             "train/learning_rate": float(schedule(optimizer.iterations))})
-            # On spot capacity what a reclaim costs is time, which a step count
-            # does not bound; time is looked at only between compiled calls.
-            time_due = (cfg.checkpoint.every_seconds is not None
-                        and time.monotonic() - last_commit >= cfg.checkpoint.every_seconds)
-            if (step % cfg.checkpoint.every_steps == 0 or time_due) and in_epoch < spe:
-                commit()
+            progress.step.assign_add(chunk.steps)
+            if chunk.step % cfg.train.log_every_steps < chunk.steps or chunk.ends_epoch:
+                _log_progress(cfg, console, history, parts, meter, epoch, chunk)
+            if checkpointer.due(chunk):
+                checkpointer.commit()
             if cluster.any_worker(sigterm.raised):
-                commit()
-                _preempted(store, cfg, step, cluster.is_chief)
-        if in_epoch < spe:
+                checkpointer.commit()
+                _preempted(checkpointer.store, cfg, chunk.step, cluster.is_chief)
+        if int(progress.step.numpy()) < (epoch + 1) * spe:
             break  # max_steps reached inside the epoch
-        if epoch_images == 0 and first_call is not None:
-            epoch_images, epoch_seconds = first_call
-        tl, ta = trainer.train_averages()
-        vl, va = trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
-        fields = {}
-        if val_ds is not None:
-            fields.update(_after_validation(cfg, progress, schedule, vl, va, step, console))
-        progress.epochs_done.assign(epoch + 1)
-        commit(**fields)
-        entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
-                 "val_accuracy": va, "seconds": round(epoch_seconds, 3),
-                 "images_per_second": epoch_images / max(epoch_seconds, 1e-9),
-                 "learning_rate": float(schedule(optimizer.iterations)),
-                 "elapsed_seconds": round(float(progress.elapsed.numpy()), 3)}
-        if history:
-            history.add_epoch(entry)
-        console.epoch_end(entry)
+        _end_epoch(cfg, console, parts, checkpointer, history, val_ds, meter, epoch)
         if cluster.any_worker(sigterm.raised):
-            _preempted(store, cfg, step, cluster.is_chief)
+            _preempted(checkpointer.store, cfg, int(progress.step.numpy()), cluster.is_chief)
 
-    step = int(progress.step.numpy())
-    if not cluster.is_chief:
-        console.info(f"trained to step {step}; the chief evaluates and exports")
-        return Result(step, math.nan, math.nan, None, None)
-    if int(record.get("step", -1)) != step:
-        commit()
-    train_seconds = float(progress.elapsed.numpy())
-    store.uploader.flush()
-    best = record.get("best")
-    weights_step = step
-    if best and (cfg.export.weights == "best" or (bool(progress.stopped_early.numpy()) and es.restore_best)):
-        why = "export.weights=best" if cfg.export.weights == "best" else "early stopping"
-        console.info(f"{why}: restoring the best weights, from step {best['step']} "
-                     f"({best['monitor']} {best['value']:.4f})")
-        store.restore(tf.train.Checkpoint(model=net), best["step"])
-        weights_step = best["step"]
-    elif cfg.export.weights == "best":
-        console.info("export.weights=best: this run holds no best checkpoint (no validation yet, or the best "
-                     "was not among the checkpoints it restarted with); exporting the last weights")
-    test_loss, test_acc, n_test = trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
-    console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
-    card = {
-        "model": cfg.model.name,
-        "step": step,
-        # Not `step` where export.weights or early stopping chose the best checkpoint.
-        "weights_step": weights_step,
-        "epochs_done": int(progress.epochs_done.numpy()),
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
-        "train_seconds": round(train_seconds, 3),
-        "data_checksum": splits.checksum,
-        "class_names": list(splits.class_names),
-        "config": cfg.model_dump(mode="json"),
-        "tensorflow": tf.__version__,
-        "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
-    }
-    version, uri = export.export(net, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
-                                 splits.class_names)
-    console.info(f"exported model version {version} to {uri}")
-    store.update(record, finished=True, export={"version": version, "uri": uri, "test_accuracy": test_acc,
-                                                "test_loss": test_loss})
-    store.uploader.flush()
-    return Result(step, test_acc, test_loss, version, uri)
+
+def _log_progress(cfg: Config, console: Console, history: History | None, parts: Parts, meter: Throughput,
+                  epoch: int, chunk: Chunk) -> None:
+    loss, accuracy = parts.trainer.train_averages()
+    console.progress(epoch=epoch + 1, epochs=cfg.train.epochs, step_in_epoch=chunk.in_epoch,
+                     steps_per_epoch=parts.stream.steps_per_epoch, step=chunk.step, loss=loss, accuracy=accuracy,
+                     images_per_second=meter.rate())
+    if history:
+        history.scalars(chunk.step, **{"train/loss": loss, "train/accuracy": accuracy,
+                                       "train/learning_rate": _learning_rate(parts)})
+
+
+def _end_epoch(cfg: Config, console: Console, parts: Parts, checkpointer: Checkpointer, history: History | None,
+               val_ds: tf.data.Dataset | None, meter: Throughput, epoch: int) -> None:
+    """Validation and what hangs on it, the epoch's commit, and its report."""
+    progress, step = parts.progress, int(parts.progress.step.numpy())
+    tl, ta = parts.trainer.train_averages()
+    vl, va = parts.trainer.evaluate(val_ds)[:2] if val_ds is not None else (None, None)
+    fields = _after_validation(cfg, progress, parts.schedule, vl, va, step, console) if val_ds is not None else {}
+    progress.epochs_done.assign(epoch + 1)
+    checkpointer.commit(**fields)
+    images, seconds = meter.epoch()
+    entry = {"epoch": epoch + 1, "step": step, "loss": tl, "accuracy": ta, "val_loss": vl,
+             "val_accuracy": va, "seconds": round(seconds, 3),
+             "images_per_second": images / max(seconds, 1e-9),
+             "learning_rate": _learning_rate(parts),
+             "elapsed_seconds": round(float(progress.elapsed.numpy()), 3)}
+    if history:
+        history.add_epoch(entry)
+    console.epoch_end(entry)
+
+
+def _learning_rate(parts: Parts) -> float:
+    return float(parts.schedule(parts.optimizer.iterations))
 
 
 def _preempted(store: CheckpointStore, cfg: Config, step: int, is_chief: bool):
@@ -372,6 +470,61 @@ def _after_validation(cfg: Config, progress: Progress, schedule: optim.Schedule,
                 console.info(f"reduce on plateau: learning rate now {lr:.3g}")
     return fields
 
+
+# -- Finish ------------------------------------------------------------------
+
+def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: CheckpointStore, parts: Parts,
+            checkpointer: Checkpointer, splits: sources.Splits) -> Result:
+    step = int(parts.progress.step.numpy())
+    if int(checkpointer.record.get("step", -1)) != step:
+        checkpointer.commit()
+    train_seconds = float(parts.progress.elapsed.numpy())
+    store.uploader.flush()
+    weights_step = _weights_to_export(cfg, console, store, parts, checkpointer.record)
+    test_loss, test_acc, n_test = parts.trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
+    console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
+    card = {
+        "model": cfg.model.name,
+        "step": step,
+        # Not `step` where export.weights or early stopping chose the best checkpoint.
+        "weights_step": weights_step,
+        "epochs_done": int(parts.progress.epochs_done.numpy()),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_seconds": round(train_seconds, 3),
+        "data_checksum": splits.checksum,
+        "class_names": list(splits.class_names),
+        "config": cfg.model_dump(mode="json"),
+        "tensorflow": tf.__version__,
+        "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
+    }
+    version, uri = export.export(parts.model, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
+                                 splits.class_names)
+    console.info(f"exported model version {version} to {uri}")
+    store.update(checkpointer.record, finished=True, export={"version": version, "uri": uri,
+                                                             "test_accuracy": test_acc, "test_loss": test_loss})
+    store.uploader.flush()
+    return Result(step, test_acc, test_loss, version, uri)
+
+
+def _weights_to_export(cfg: Config, console: Console, store: CheckpointStore, parts: Parts, record: dict) -> int:
+    """Restores the best checkpoint's weights where export.weights or early
+    stopping asks for them; returns the step the model's weights are from."""
+    best = record.get("best")
+    stopped_early = bool(parts.progress.stopped_early.numpy())
+    if best and (cfg.export.weights == "best" or (stopped_early and cfg.train.early_stopping.restore_best)):
+        why = "export.weights=best" if cfg.export.weights == "best" else "early stopping"
+        console.info(f"{why}: restoring the best weights, from step {best['step']} "
+                     f"({best['monitor']} {best['value']:.4f})")
+        store.restore(tf.train.Checkpoint(model=parts.model), best["step"])
+        return best["step"]
+    if cfg.export.weights == "best":
+        console.info("export.weights=best: this run holds no best checkpoint (no validation yet, or the best "
+                     "was not among the checkpoints it restarted with); exporting the last weights")
+    return int(parts.progress.step.numpy())
+
+
+# -- Checks and helpers ------------------------------------------------------
 
 def _target_step(cfg: Config, steps_per_epoch: int) -> int:
     target = steps_per_epoch * cfg.train.epochs
@@ -443,15 +596,14 @@ def _checkpoint_at(uri: str, field: str, store: CheckpointStore) -> tuple[Checkp
     return holder, record
 
 
-def _starting_point(cfg: Config, store: CheckpointStore, latest: dict | None,
-                    console: Console) -> tuple[CheckpointStore, dict | None, str | None]:
-    """The store and record this run continues from, and the checkpoint's URI
-    where that is checkpoint.resume_from's rather than the run's own newest."""
+def _resume_from(cfg: Config, store: CheckpointStore, latest: dict | None, console: Console) -> Start:
+    """Where the run continues from: its own newest checkpoint (`latest`), or
+    the one checkpoint.resume_from names."""
     wanted = cfg.checkpoint.resume_from
     # A run that has restarted from `wanted` and was then stopped (SIGTERM,
     # a lost node) carries on from its own checkpoints when retried.
     if wanted is None or (latest and latest.get("resumed_from", {}).get("request") == wanted):
-        return store, latest, None
+        return Start(store, latest)
     if isinstance(wanted, int):
         kept = sorted({*latest["kept"], *([latest["best"]["step"]] if latest.get("best") else [])}) if latest else []
         if wanted not in kept:
@@ -472,4 +624,4 @@ def _starting_point(cfg: Config, store: CheckpointStore, latest: dict | None,
                      f"{cfg.checkpoint.uri}; export.weights=best and restore_best count from here")
         best = None
     resumed_from = {"request": wanted, "checkpoint": where}
-    return source, {**record, "kept": kept, "best": best, "resumed_from": resumed_from}, where
+    return Start(source, {**record, "kept": kept, "best": best, "resumed_from": resumed_from}, where)
