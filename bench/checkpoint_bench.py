@@ -1,10 +1,12 @@
 """Checkpoint cost: the step-time overhead of `checkpoint.every_steps: 100`,
 on local disk and on S3, against the same loop with no checkpoints.
 
-The loop is the job's own (Trainer.train_loop, CheckpointStore, Uploader),
-driven as job/train.py drives it. S3 is moto's server on 127.0.0.1 (MinIO
-cannot be installed where this was written), so the S3 rows measure the
-protocol and the background commit, not a real network. Usage:
+The run is the job's own: its parts and checkpoint (train.build), its
+compiled calls (train.chunks) and its commits (train.Checkpointer, with
+CheckpointStore and the background Uploader), driven as job/train.py drives
+them. S3 is moto's server on 127.0.0.1 (MinIO cannot be installed where this
+was written), so the S3 rows measure the protocol and the background commit,
+not a real network. Usage:
 
     .venv/bin/python bench/checkpoint_bench.py [--steps N] [--repeats R] [--out FILE]
 """
@@ -17,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -26,43 +29,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tensorflow as tf
-
-from job import config, data, model, optim, sources
+from job import config, sources, train
 from job.checkpoints import CheckpointStore, Uploader
-from job.trainer import Trainer
 
 EVERY = 100
 
 
-def build(cfg):
-    splits = sources.load(cfg)
-    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, False)
-    net = model.build("simple_cnn")
-    schedule = optim.Schedule(cfg.train, stream.steps_per_epoch)
-    opt = optim.build_optimizer(cfg.train, schedule)
-    trainer = Trainer(net, opt, cfg.train.batch_size)
-    return stream, trainer, tf.train.Checkpoint(model=net, optimizer=opt, trainer=trainer)
-
-
-def run(stream, trainer, checkpoint, steps: int, uri: str | None) -> dict:
-    """Train `steps` steps, checkpointing every EVERY into `uri` (None: never)."""
-    store = CheckpointStore(uri, 3, Uploader(60)) if uri else None
-    iterator = iter(stream.epoch(0).repeat())
-    chunk = config.Train().steps_per_loop  # as the job runs by default
-    trainer.train_loop(iterator, tf.constant(chunk))  # trace outside the timing
-    saves, record = [], None
+def run(cfg: config.Config, parts: train.Parts, checksum: str, steps: int, uri: str | None) -> dict:
+    """Train `steps` steps, committing the job's checkpoints into `uri` as they fall due (None: never)."""
+    checkpointer = None
+    if uri:
+        store = CheckpointStore(uri, cfg.checkpoint.keep, Uploader(cfg.checkpoint.retry_seconds))
+        checkpointer = train.Checkpointer(cfg, store, parts, None, checksum)
+    parts.progress.step.assign(0)
+    saves = []
     started = time.perf_counter()
-    for step in range(chunk, steps + 1, chunk):
-        float(trainer.train_loop(iterator, tf.constant(chunk)))
-        if store and step % EVERY == 0:
-            t = time.perf_counter()
-            record = store.save(checkpoint, step, record)
-            saves.append(time.perf_counter() - t)
+    for epoch in range(math.ceil(steps / parts.stream.steps_per_epoch)):
+        for chunk in train.chunks(cfg, parts, epoch, 0, steps):
+            parts.progress.step.assign_add(chunk.steps)
+            if checkpointer and checkpointer.due(chunk):
+                t = time.perf_counter()
+                checkpointer.commit()
+                saves.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - started
     t = time.perf_counter()
-    if store:
-        store.uploader.flush()
+    if checkpointer:
+        checkpointer.store.uploader.flush()
     return {"step_ms": 1000 * elapsed / steps, "save_ms": 1000 * statistics.mean(saves) if saves else 0.0,
             "drain_ms": 1000 * (time.perf_counter() - t)}
 
@@ -103,18 +95,20 @@ def main() -> None:
         except Exception:
             time.sleep(0.1)
 
-    cfg = config.load_config(None, ["data.synthetic.train_size=6000", "data.validation_size=0"])
-    stream, trainer, checkpoint = build(cfg)
+    cfg = config.load_config(None, ["data.synthetic.train_size=6000", "data.validation_size=0",
+                                    f"checkpoint.every_steps={EVERY}"])
+    splits = sources.load(cfg)
+    parts = train.build(cfg, splits)
     tmp = tempfile.mkdtemp()
     rows = {"none": [], "local": [], "s3": []}
     names = list(rows)
-    run(stream, trainer, checkpoint, 200, None)  # warm-up: allocator and kernel caches, untimed
+    run(cfg, parts, splits.checksum, 200, None)  # warm-up: tracing, allocator and kernel caches, untimed
     for r in range(args.repeats):
         # Interleaved and rotated, so machine noise and order effects land on every row alike.
         for name in names[r % 3:] + names[:r % 3]:
             uri = {"none": None, "local": f"{tmp}/{r}", "s3": f"s3://{bucket}/{r}"}[name]
             before = _cpu_seconds(server.pid)
-            rows[name].append(run(stream, trainer, checkpoint, args.steps, uri))
+            rows[name].append(run(cfg, parts, splits.checksum, args.steps, uri))
             rows[name][-1]["endpoint_cpu_ms"] = 1000 * (_cpu_seconds(server.pid) - before) / (args.steps / EVERY)
     server.terminate()
 

@@ -36,7 +36,7 @@ def free_port() -> int:
 def run(row: str, train_size: int, batch: int, root: Path) -> dict:
     sets = {"data.synthetic.train_size": train_size + 1000, "data.validation_size": 1000,
             "data.synthetic.test_size": 1000, "train.batch_size": batch, "train.epochs": 2,
-            "checkpoint.every_steps": 10_000, "checkpoint.uri": root / "ckpt", "export.uri": root / "export"}
+            "checkpoint.uri": root / "ckpt", "export.uri": root / "export"}
     if row == "mirrored, 2 CPU devices":
         sets["distribute.cpu_devices"] = 2
     cmd = [sys.executable, "-m", "job", "train", *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]

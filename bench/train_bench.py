@@ -29,8 +29,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from job import config, data, model, optim, report, sources, train
-from job.trainer import Trainer
+from job import config, model, report, sources, train
 
 BATCH = 64
 LR = 1e-3
@@ -48,22 +47,14 @@ def job_config(train_size: int, *extra: str) -> config.Config:
 # Each loop is built once (fresh model and optimizer) and returns a function
 # that trains one epoch and says how many images it trained on.
 
-def job_loop(splits: sources.Splits, cfg: config.Config, steps_per_loop: int):
-    """job/train.py's inner loop without its bookkeeping: chunks of steps_per_loop steps per compiled call."""
-    stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, BATCH, augment=False)
-    spe = stream.steps_per_epoch
-    optimizer = optim.build_optimizer(cfg.train, optim.Schedule(cfg.train, spe))
-    trainer = Trainer(model.build("simple_cnn"), optimizer, BATCH)
+def job_loop(splits: sources.Splits, cfg: config.Config):
+    """The job's own parts and steps (train.build, train.chunks), without the controller's bookkeeping."""
+    parts = train.build(cfg, splits)
+    spe = parts.stream.steps_per_epoch
 
     def epoch(e: int) -> int:
-        trainer.reset_sums()
-        iterator = iter(stream.epoch(e))
-        done = 0
-        while done < spe:
-            n = min(steps_per_loop, spe - done)
-            float(trainer.train_loop(iterator, tf.constant(n)))  # train.py reads the loss back every call
-            done += n
-        return done * BATCH
+        parts.trainer.reset_sums()
+        return sum(chunk.steps for chunk in train.chunks(cfg, parts, e, 0, (e + 1) * spe)) * BATCH
 
     return epoch
 
@@ -143,9 +134,9 @@ def main() -> None:
     keras.utils.set_random_seed(0)
     splits = sources.load(job_config(size))
     spl = args.steps_per_loop
-    loops = {f"job (steps_per_loop={spl})": job_loop(splits, job_config(size), spl)}
+    loops = {f"job (steps_per_loop={spl})": job_loop(splits, job_config(size, f"train.steps_per_loop={spl}"))}
     if spl != 1:
-        loops["job (steps_per_loop=1)"] = job_loop(splits, job_config(size), 1)
+        loops["job (steps_per_loop=1)"] = job_loop(splits, job_config(size, "train.steps_per_loop=1"))
     loops["seeds"] = seeds_loop(splits)
     loops["keras fit"] = fit_loop(splits)
 
