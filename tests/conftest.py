@@ -1,28 +1,18 @@
-import http.server
+"""The fixtures every test file may ask for; what is not a fixture is in helpers.py."""
+
 import io
 import os
 import threading
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import SECRET, ArchiveServer, wait_until  # noqa: E402
 
-def small_overrides(tmp_path, **extra) -> list[str]:
-    """A run small enough for a unit test: a few seconds on two cores."""
-    values = {
-        "data.synthetic.train_size": 1200,
-        "data.synthetic.test_size": 300,
-        "data.validation_size": 200,
-        "train.batch_size": 32,
-        "train.epochs": 2,
-        "checkpoint.every_steps": 10,
-        "checkpoint.uri": str(tmp_path / "ckpt"),
-        "export.uri": str(tmp_path / "export"),
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+# The probe batch of the shared export (what the service checks a version's answers on).
+PROBE = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
 
 
 @pytest.fixture
@@ -40,7 +30,34 @@ def run_job():
     return run
 
 
-SECRET = "s3cr3t-never-printed-0123456789"
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory):
+    """An untrained simple_cnn exported once per session, as the job exports it, as version 1 of
+    `cifar10` with PROBE as its probe batch: the model folder (what SERVE_MODEL_URI names), version 1
+    at `exported_model / "1"`. Shared: a test that publishes more versions does so in a folder of its own."""
+    from job import export, model
+
+    root = tmp_path_factory.mktemp("exported")
+    export.export(model.build("simple_cnn"), str(root), "cifar10", {}, PROBE)
+    return root / "cifar10"
+
+
+@pytest.fixture(scope="module")
+def app(exported_model):
+    """The Flask app serving exported_model in-process, ready; its model watcher closed after the module."""
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    app = create_app(Settings(model_uri=str(exported_model), poll_seconds=0.2))
+    client = app.test_client()
+    wait_until(lambda: client.get("/readyz").status_code == 200, what="the app to be ready")
+    yield app
+    app.extensions["predictor"].backend.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return app.test_client()
 
 
 @pytest.fixture(scope="session")
@@ -67,67 +84,6 @@ def s3(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
-
-
-def wait_until(predicate, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
-def url_ready(url: str) -> bool:
-    """Whether GET url answers 200 now (a server still starting is not an error)."""
-    import requests
-
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def free_port() -> int:
-    """A port nothing listens on now (a server started next can still lose it to a race, rarely)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ArchiveServer(http.server.ThreadingHTTPServer):
-    """Serves .files[path] (bytes); counts every GET in .requests. A body in
-    .truncated is announced whole but cut off halfway."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.truncated: set[str] = set()
-        self.send_length = True
-        self.requests = 0
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"  # the body ends when the connection closes, so a length is optional
-
-    def do_GET(self):
-        self.server.requests += 1
-        body = self.server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        if self.server.send_length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if self.path in self.server.truncated else body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import requests
 import tensorflow as tf
 import yaml
 
-from conftest import free_port, url_ready, wait_until
+from helpers import ServeProcess, free_port
 from test_containers import compose_config
 from test_fetch_data import REAL_SMALL
 from test_serve_tfserving import FakeTFServing, start_server
@@ -120,14 +119,10 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
     serve_env = {**env["serve"], "SERVE_TFSERVING_ADDRESS": f"127.0.0.1:{port}", "SERVE_POLL_SECONDS": "0.5"}
     # The container listens on 8080 (the image's SERVE_PORT); here, on a free port.
     assert str(services["serve"]["ports"][0]).endswith("8080") or services["serve"]["ports"][0]["target"] == 8080
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(free), "--host", "127.0.0.1"], cwd=ROOT,
-                            env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{free}"
+    service = ServeProcess("--host", "127.0.0.1", env=serve_env, cwd=ROOT)
+    proc, url = service.proc, service.url
     try:
-        wait_until(lambda: url_ready(url + "/readyz"))
+        service.wait_ready()
         pixels = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
         answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": pixels.tolist()}, timeout=30)
         assert answer.status_code == 200, answer.text

@@ -14,7 +14,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
-from conftest import free_port, url_ready, wait_until
+from helpers import free_port, url_ready, wait_until
 from serve.app import create_app
 from serve.cli import main
 from serve.settings import Settings
@@ -37,11 +37,9 @@ CHECKS = ["v1 model status", "v1 metadata", "v1 row format (instances)", "v1 col
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The version directory of one export, with PIXELS as its probe record."""
-    from job import export, model
-
-    return export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("export")), "cifar10", {}, PIXELS)[1]
+def exported(exported_model):
+    """The version directory of one exported model, with its probe record."""
+    return str(exported_model / "1")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import tensorflow as tf
 from job import data, distribute, sources
 from job.config import Distribute
 from job.errors import ConfigError, PeerLost
-from conftest import free_port, wait_until
+from helpers import free_port, wait_until
 
 # Runs that differ only in floating-point summation order start ~1e-7 apart
 # after one step, and training amplifies that, most on the inputs the model

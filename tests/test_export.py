@@ -113,7 +113,7 @@ def test_a_model_that_does_not_reload_the_same_is_not_published(tmp_path):
 
 
 def test_evaluate_scores_the_exported_model(tmp_path, run_job):
-    from conftest import small_overrides
+    from helpers import small_overrides
     from job.config import load_config
     from job.evaluate import evaluate
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import small_overrides, wait_until
+from helpers import small_overrides, wait_until
 from job import cifar10, sources
 from job.config import load_config
 from job.errors import ConfigError, DataError

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port, url_ready, wait_until
+import pytest
+
+from helpers import ServeProcess
 
 BIN = Path(sys.executable).parent
 NOISE = ("cuInit", "oneDNN", "absl::InitializeLog", "cuda_platform", "cudart_stub", "cpu_feature_guard")
@@ -19,6 +21,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_print_no_tensorflow_start_up_lines_unless_debug(tmp_path):
     sets = ["--set", "data.synthetic.train_size=300", "--set", "data.synthetic.test_size=100",
             "--set", "data.validation_size=50", "--set", "train.epochs=1",
@@ -38,20 +41,16 @@ def test_train_and_evaluate_print_no_tensorflow_start_up_lines_unless_debug(tmp_
     assert debug.returncode == 0 and [n for n in NOISE if n in debug.stderr], debug.stderr[:2000]
 
 
-def test_the_service_log_has_no_tensorflow_start_up_lines(tmp_path):
-    from job import export, model
-
-    import numpy as np
-
-    export.export(model.build("simple_cnn"), str(tmp_path), "cifar10", {}, np.zeros((2, 32, 32, 3), np.uint8))
-    port = free_port()
-    service = subprocess.Popen([BIN / "cifar-serve", "--model-uri", f"{tmp_path}/cifar10", "--port", str(port),
-                                "--host", "127.0.0.1", "--workers", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+@pytest.mark.slow
+def test_the_service_log_has_no_tensorflow_start_up_lines(exported_model):
+    service = ServeProcess("--model-uri", str(exported_model), "--host", "127.0.0.1", "--workers", "1",
+                           command=(BIN / "cifar-serve",), env=_env())
     try:
-        wait_until(lambda: url_ready(f"http://127.0.0.1:{port}/readyz"), timeout=120)
+        service.wait_ready(timeout=120)
     finally:
-        service.send_signal(signal.SIGTERM)
-        log = service.communicate(timeout=60)[0]
+        service.proc.send_signal(signal.SIGTERM)
+        service.proc.wait(timeout=60)
+        service.stop(drain=True)
+    log = service.output()
     assert "every worker switched from no version to version 1" in log
     assert not [n for n in NOISE if n in log], log[:3000]

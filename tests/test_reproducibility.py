@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_overrides
+from helpers import small_overrides
 from job import sources
 from job.config import load_config
 from job.errors import ConfigError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_overrides
+from helpers import small_overrides
 from job.config import load_config
 from job.errors import ConfigError
 from job.evaluate import evaluate

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SECRET, small_overrides
+from helpers import SECRET, small_overrides
 from job import storage
 from job.errors import StorageError
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SECRET, small_overrides, wait_until
+from helpers import SECRET, small_overrides, wait_until
 from job import storage
 
 # Long enough (several seconds) to be interrupted on purpose.

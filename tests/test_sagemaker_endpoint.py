@@ -11,8 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import wait_until
-from job import export, model
+from helpers import wait_until
 from serve import cli
 from serve import settings as settings_module
 from serve.app import create_app
@@ -22,11 +21,9 @@ PIXELS = np.random.default_rng(5).integers(0, 256, size=(3, 32, 32, 3), dtype=np
 
 
 @pytest.fixture(scope="module")
-def export_root(tmp_path_factory):
+def export_root(exported_model):
     """What a job run on SageMaker leaves in SM_MODEL_DIR: `<export.uri>/cifar10/1/`."""
-    root = tmp_path_factory.mktemp("opt-ml-model")
-    export.export(model.build("simple_cnn"), str(root), "cifar10", {}, PIXELS)
-    return root
+    return exported_model.parent
 
 
 @pytest.fixture
@@ -42,14 +39,6 @@ def sagemaker_dir(monkeypatch, tmp_path):
 def started(settings):
     app = create_app(settings)
     return app, app.test_client()
-
-
-@pytest.fixture(scope="module")
-def client(export_root):
-    app, c = started(Settings(model_uri=str(export_root / "cifar10"), poll_seconds=0.2))
-    wait_until(lambda: c.get("/ping").status_code == 200)
-    yield c
-    app.extensions["predictor"].backend.close()
 
 
 def png(pixels) -> bytes:

@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
-from conftest import free_port, url_ready, wait_until
+from helpers import ServeProcess, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.backends import Loaded
@@ -65,22 +65,6 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    base = tmp_path_factory.mktemp("models") / "cifar10"
-    publish(base)
-    return base
-
-
-@pytest.fixture(scope="module")
-def client(base):
-    app = create_app(Settings(model_uri=str(base), poll_seconds=0.2))
-    c = app.test_client()
-    wait_until(lambda: c.get("/readyz").status_code == 200)
-    yield c
-    close(app)
-
-
 def test_health_and_readiness(client, tmp_path):
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.get("/readyz").json == {"status": "ready", "model": "cifar10", "version": 1}
@@ -96,8 +80,8 @@ def test_health_and_readiness(client, tmp_path):
     assert answer.status_code == 503 and "no model" in answer.json["error"] and answer.headers["Retry-After"]
 
 
-def test_tf_serving_rest_answers_equal_the_savedmodel(client, base):
-    expected = own_outputs(str(base / "1"), PIXELS)
+def test_tf_serving_rest_answers_equal_the_savedmodel(client, exported_model):
+    expected = own_outputs(str(exported_model / "1"), PIXELS)
     nested = client.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()})
     assert nested.status_code == 200 and nested.headers["X-Model-Version"] == "1"
     predictions = nested.json["predictions"]
@@ -153,8 +137,8 @@ def test_v2_server_metadata_and_versioned_routes(client):
         assert answer.status_code == 404 and "version 2 is not loaded" in answer.json["error"]
 
 
-def test_v2_infer_json_equals_the_savedmodel(client, base):
-    expected = own_outputs(str(base / "1"), PIXELS)
+def test_v2_infer_json_equals_the_savedmodel(client, exported_model):
+    expected = own_outputs(str(exported_model / "1"), PIXELS)
     body = {"id": "r1", "inputs": [{"name": "images", "shape": list(PIXELS.shape), "datatype": "UINT8",
                                     "data": PIXELS.reshape(-1).tolist()}]}
     answer = client.post("/v2/models/cifar10/infer", json=body).json
@@ -165,10 +149,10 @@ def test_v2_infer_json_equals_the_savedmodel(client, base):
     assert out["class_id"]["data"] == expected.argmax(axis=1).tolist()
 
 
-def test_upload_of_any_size_answers_the_top_classes(client, base):
+def test_upload_of_any_size_answers_the_top_classes(client, exported_model):
     big = np.kron(PIXELS[0], np.ones((5, 5, 1), np.uint8))  # 160x160
     raw = client.post("/predict", data=png(PIXELS[0]), content_type="image/png").json
-    expected = own_outputs(str(base / "1"), PIXELS[:1])[0]
+    expected = own_outputs(str(exported_model / "1"), PIXELS[:1])[0]
     assert raw["model_version"] == 1 and len(raw["predictions"]) == 5
     assert raw["predictions"][0]["class_id"] == int(expected.argmax())
     assert raw["predictions"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
@@ -224,8 +208,8 @@ def test_pixel_values_follow_one_rule_on_every_route(client):
         assert refused.status_code == 400 and "whole numbers from 0 to 255" in refused.json["error"]
 
 
-def test_limits_api_keys_cors_and_request_ids(base):
-    settings = Settings(model_uri=str(base), max_body_bytes=4096, max_instances=2, api_keys=["k1", "k2"],
+def test_limits_api_keys_cors_and_request_ids(exported_model):
+    settings = Settings(model_uri=str(exported_model), max_body_bytes=4096, max_instances=2, api_keys=["k1", "k2"],
                         cors_origins=["https://app.example"], poll_seconds=0.2)
     c = make_app(settings).test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
@@ -244,8 +228,8 @@ def test_limits_api_keys_cors_and_request_ids(base):
     assert traced.headers["X-Request-ID"] == "abc123" and len(c.get("/healthz").headers["X-Request-ID"]) == 32
 
 
-def test_instances_over_the_limit_are_refused(base):
-    c = make_app(Settings(model_uri=str(base), max_instances=2, poll_seconds=0.2)).test_client()
+def test_instances_over_the_limit_are_refused(exported_model):
+    c = make_app(Settings(model_uri=str(exported_model), max_instances=2, poll_seconds=0.2)).test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
     answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:3].tolist()})
     assert answer.status_code == 400 and "at most 2" in answer.json["error"]
@@ -365,17 +349,15 @@ def test_a_model_on_s3_is_served(s3, tmp_path):
 
 
 
-def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
+@pytest.mark.slow
+def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(exported_model):
     """Two workers, as on a 2-core machine by default: /metrics counts both, whichever answers."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(port),
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "SERVE_POLL_SECONDS": "0.5", "SERVE_DRAIN_SECONDS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    service = ServeProcess("--model-uri", str(exported_model), "--workers", "2",
+                           env={**os.environ, "SERVE_POLL_SECONDS": "0.5", "SERVE_DRAIN_SECONDS": "1"})
+    url = service.url
+    proc = service.proc
     try:
-        wait_until(lambda: url_ready(url + "/readyz"), timeout=90)
+        service.wait_ready(timeout=90)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda _: requests.post(f"{url}/v1/models/cifar10:predict",
                                                             json={"instances": [PIXELS[0].tolist()]}), range(12)))
@@ -387,9 +369,9 @@ def test_cifar_serve_runs_gunicorn_and_drains_on_sigterm(base):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
-        proc.kill()
+        service.stop()
     assert proc.returncode == 0
-    out = wait_until(lambda: "".join(lines) if "Shutting down" in "".join(lines) else None, timeout=10)
+    out = wait_until(lambda: service.output() if "Shutting down" in service.output() else None, timeout=10)
     assert "serve.workers.Worker" in out and "request_id=" in out  # gunicorn's worker class and our access log
 
 

@@ -12,9 +12,7 @@ import json
 import math
 import os
 import struct
-import time
 import zlib
-from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -36,42 +34,11 @@ FUZZ = settings(max_examples=int(os.environ.get("SERVE_FUZZ_EXAMPLES", "600")), 
 
 # --- the service under test ------------------------------------------------------
 
-def wait_ready(client, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"/readyz not 200 within {timeout:g}s")
-
-
 @pytest.fixture(scope="module")
-def model_base(tmp_path_factory):
-    from job import export, model
-
-    _, uri = export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("m")), NAME, {},
-                           np.zeros((4, 32, 32, 3), np.uint8))
-    return str(Path(uri).parent)
-
-
-@pytest.fixture(scope="module")
-def app(model_base):
-    app = create_app(Settings(model_uri=model_base, poll_seconds=0.2))
-    wait_ready(app.test_client())
-    yield app
-    app.extensions["predictor"].backend.close()
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture(scope="module")
-def small_client(app, model_base):
+def small_client(app, exported_model):
     """The same loaded model behind an app whose body limit is 2048 bytes."""
     backend = app.extensions["predictor"].backend
-    small = create_app(Settings(model_uri=model_base, poll_seconds=0.2, max_body_bytes=2048), backend=backend)
+    small = create_app(Settings(model_uri=str(exported_model), poll_seconds=0.2, max_body_bytes=2048), backend=backend)
     return small.test_client()
 
 

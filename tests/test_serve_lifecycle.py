@@ -10,15 +10,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import free_port, url_ready, wait_until
-from job import export, model
+import helpers
+from helpers import ServeProcess, url_ready, wait_until
+from job import model
 from serve import rollout
 
 PIXELS = np.random.default_rng(5).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
@@ -30,37 +30,18 @@ def net():
     return model.build("simple_cnn")
 
 
-def publish(base, net, tamper=False) -> int:
+def publish(base, net, tamper=False):
     """Export the next version and make it appear whole, as the job does;
     `tamper` changes its probe record, as a version whose answers changed."""
-    staging = base.parent / "staging"
-    version, path = export.export(net, str(staging), base.name, {"test_accuracy": 0.9}, PIXELS)
-    if tamper:
-        record = os.path.join(path, "assets.extra", "probe_outputs.npz")
-        with np.load(record) as saved:
-            outputs = dict(saved)
-        np.savez(record, **{**outputs, "probabilities": outputs["probabilities"] + 0.01})
-    base.mkdir(exist_ok=True)
-    number = 1 + max((int(p.name) for p in base.iterdir()), default=0)
-    os.rename(path, base / str(number))
-    return number
+    helpers.publish(base, net, PIXELS, shift=0.01 if tamper else 0.0)
 
 
-class Service:
-    """`cifar-serve` as a subprocess, its output collected."""
+class Service(ServeProcess):
+    """`cifar-serve` under gunicorn as a subprocess, its output collected."""
 
     def __init__(self, base, workers, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(self.port),
-             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "SERVE_POLL_SECONDS": "0.3", **env})
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__("--model-uri", str(base), "--workers", str(workers),
+                         env={**os.environ, "SERVE_POLL_SECONDS": "0.3", **env})
 
     def predict(self) -> tuple[int, str | None]:
         """One request on a connection of its own, as from a load balancer: (status, version)."""
@@ -72,11 +53,6 @@ class Service:
             return answer.status, answer.getheader("X-Model-Version")
         finally:
             conn.close()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture
@@ -96,7 +72,7 @@ def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path
     base = tmp_path / "cifar10"
     publish(base, net)
     svc = service(base, 4)
-    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    svc.wait_ready(timeout=120)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: svc.predict(), range(160)))
     assert answers == [(200, "1")] * 160
@@ -111,7 +87,7 @@ def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, 
     publish(base, net)
     # gunicorn restarts each worker after 15 to 20 requests: every few requests a worker is loading.
     svc = service(base, 2, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 5")
-    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    svc.wait_ready(timeout=120)
     answers = [svc.predict() for _ in range(120)]
     assert answers == [(200, "1")] * 120
     assert svc.output().count("Autorestarting worker") >= 4
@@ -121,7 +97,7 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
     base = tmp_path / "cifar10"
     publish(base, net)
     svc = service(base, 3)
-    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    svc.wait_ready(timeout=120)
     answers = []  # (sent, answered, status, version)
     stop = threading.Event()
 
@@ -163,7 +139,7 @@ def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_reques
     base = tmp_path / "cifar10"
     publish(base, net)
     svc = service(base, 2, SERVE_DRAIN_SECONDS="2")
-    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    svc.wait_ready(timeout=120)
     answers, failures = [], []
     not_ready = threading.Event()  # what a load balancer learns from /readyz
 
@@ -223,7 +199,7 @@ def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(tmp_path, net, 
     publish(base, net)
     # 5: not what TensorFlow would choose itself here, unless the machine has exactly 5 cores.
     svc = service(base, 2, SERVE_TF_THREADS="5")
-    wait_until(lambda: url_ready(svc.url + "/readyz"), timeout=120)
+    svc.wait_ready(timeout=120)
     assert [svc.predict() for _ in range(8)] == [(200, "1")] * 8
     workers = [int(p) for p in open(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read().split()]
     assert len(workers) == 2

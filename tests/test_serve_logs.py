@@ -6,42 +6,26 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import threading
 from datetime import datetime, timedelta
 
 import pytest
 import requests
 
-from conftest import free_port, url_ready, wait_until
+from helpers import ServeProcess
 from serve import logs
 from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
-from test_serve import PIXELS, publish
+from test_serve import PIXELS
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    base = tmp_path_factory.mktemp("models") / "cifar10"
-    publish(base)
-    return base
-
-
-def test_every_line_of_the_service_is_json_and_access_lines_carry_the_request(base):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-uri", str(base), "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SERVE_LOG_FORMAT": "json", "SERVE_POLL_SECONDS": "0.5"})
-    lines: list[tuple[str, str]] = []
-    readers = [threading.Thread(target=lambda name=name, stream=stream: lines.extend((name, line) for line in stream))
-               for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    for reader in readers:
-        reader.start()
-    url = f"http://127.0.0.1:{port}"
+@pytest.mark.slow
+def test_every_line_of_the_service_is_json_and_access_lines_carry_the_request(exported_model):
+    service = ServeProcess("--model-uri", str(exported_model), "--workers", "1",
+                           env={**os.environ, "SERVE_LOG_FORMAT": "json", "SERVE_POLL_SECONDS": "0.5"})
+    proc, port, url, lines = service.proc, service.port, service.url, service.lines
     try:
-        wait_until(lambda: url_ready(url + "/readyz"), timeout=90)
+        service.wait_ready(timeout=90)
         good = requests.post(f"{url}/v1/models/cifar10:predict", headers={"X-Request-ID": "abc"},
                              json={"instances": [PIXELS[0].tolist()]})
         bad = requests.post(f"{url}/v1/models/cifar10:predict?x=1", headers={"X-Request-ID": "bad"},
@@ -50,9 +34,7 @@ def test_every_line_of_the_service_is_json_and_access_lines_carry_the_request(ba
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
-        proc.kill()
-        for reader in readers:
-            reader.join(timeout=10)
+        service.stop(drain=True)
 
     records = []
     for stream, line in lines:

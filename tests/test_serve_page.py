@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers import url_ready, wait_until
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 NAME = "cifar10"
@@ -55,12 +56,8 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def version_dir(tmp_path_factory):
-    from job import export, model
-
-    _, uri = export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("m")), NAME, {},
-                           np.zeros((4, 32, 32, 3), np.uint8))
-    return Path(uri)
+def version_dir(exported_model):
+    return exported_model / "1"
 
 
 def serving(version_dir: Path, **settings):
@@ -75,16 +72,7 @@ def serving(version_dir: Path, **settings):
     thread = threading.Thread(target=httpd.serve_forever, name="serve-page-test", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{httpd.server_port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        assert time.monotonic() < deadline, "/readyz did not answer 200 within 60s"
-        time.sleep(0.1)
+    wait_until(lambda: url_ready(f"{url}/readyz"), timeout=60, what="/readyz to answer 200")
     yield url
     httpd.shutdown()
     thread.join(timeout=10)
@@ -137,9 +125,9 @@ def savedmodel_label(version_dir: Path, image_path: Path) -> str:
 
 def wait_for_text(driver, element_id: str, timeout: float = 30) -> str:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, element_id).text.strip())
+    return wait_until(lambda: driver.find_element(By.ID, element_id).text.strip(), timeout=timeout,
+                      what=f"text in #{element_id}")
 
 
 def test_uploading_an_image_shows_the_models_label_and_top_five(page, server, version_dir, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common import layout
-from conftest import wait_until
+from helpers import wait_until
 from job import export, model
 from serve import models
 from serve.app import create_app

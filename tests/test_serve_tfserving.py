@@ -24,6 +24,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from helpers import wait_until
 from serve.app import create_app
 from serve.batching import request_ids
 from serve.settings import Settings
@@ -108,11 +109,9 @@ def start_server(fake) -> tuple[grpc.Server, int]:
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """The version directory of one exported model."""
-    from job import export, model
-
-    return export.export(model.build("simple_cnn"), str(tmp_path_factory.mktemp("export")), "cifar10", {}, PIXELS)[1]
+def exported(exported_model):
+    """The version directory of one exported model, with its probe record."""
+    return str(exported_model / "1")
 
 
 @pytest.fixture(scope="session")
@@ -156,12 +155,12 @@ def make_client(upstream):
 
 
 def wait_for(client, path, status, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while True:
+    """The first answer to GET path with this status, polled every 20 ms for up to `seconds`."""
+    def answered():
         response = client.get(path)
-        if response.status_code == status or time.monotonic() > deadline:
-            return response
-        time.sleep(0.02)
+        return response if response.status_code == status else None
+
+    return wait_until(answered, timeout=seconds, interval=0.02, what=f"GET {path} to answer {status}")
 
 
 def expected(signature, pixels):
@@ -185,9 +184,7 @@ def test_ready_only_once_tf_serving_reports_a_version_available(upstream, make_c
     response = wait_for(client, "/readyz", 200)
     assert response.status_code == 200 and response.get_json()["version"] == 1
     fake.versions = {1: AVAILABLE, 2: AVAILABLE}  # the highest AVAILABLE version is the one served
-    deadline = time.monotonic() + 5
-    while client.get("/readyz").get_json().get("version") != 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: client.get("/readyz").get_json().get("version") == 2, timeout=5, interval=0.02)
     assert client.get("/readyz").get_json()["version"] == 2
     assert client.get("/v1/models/cifar10").get_json()["model_version_status"][0]["version"] == "2"
 

@@ -17,7 +17,7 @@ import botocore.session
 import pytest
 from botocore.validate import validate_parameters
 
-from conftest import SECRET
+from helpers import SECRET
 from job import submit
 from job.config import load_config
 from job.errors import ConfigError

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_overrides
+from helpers import small_overrides
 from job.errors import ConfigError, DivergedError
 
 PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)

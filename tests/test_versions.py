@@ -3,7 +3,6 @@ batch match the record, its test accuracy clears SERVE_MIN_ACCURACY, and it
 is the pinned one when SERVE_MODEL_VERSION is set; `cifar-serve sync`
 mirrors only the versions the service would serve."""
 
-import os
 import re
 import shutil
 import time
@@ -12,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import wait_until
-from job import export, model
+import helpers
+from helpers import wait_until
+from job import model
 from serve import models
 from serve.app import create_app
 from serve.checks import PROBE_ATOL
@@ -39,18 +39,7 @@ def close_apps():
 def publish(base, net, accuracy=0.9, tamper=False):
     """Export the next version; `tamper` shifts its recorded probabilities
     before it appears under `base`, as a version whose answers changed would."""
-    staging = base.parent / "staging"
-    version = export.export(net, str(staging), base.name, {"test_accuracy": accuracy}, PROBE)[0]
-    if tamper:
-        record = staging / base.name / str(version) / "assets.extra" / "probe_outputs.npz"
-        with np.load(record) as saved:
-            outputs = dict(saved)
-        outputs["probabilities"] = outputs["probabilities"] + 10 * PROBE_ATOL
-        np.savez(record, **outputs)
-    base.mkdir(exist_ok=True)
-    target = base / str(1 + max(models.versions(str(base)), default=0))
-    os.rename(staging / base.name / str(version), target)
-    return target
+    return helpers.publish(base, net, PROBE, accuracy, shift=10 * PROBE_ATOL if tamper else 0.0)
 
 
 def client_for(base, **settings):

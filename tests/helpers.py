@@ -1,0 +1,148 @@
+"""What the tests share that is not a fixture (the fixtures are in conftest.py):
+a free port, the one wait helper, a small run's overrides, publishing a model
+version, `cifar-serve` as a subprocess, and a stand-in for a data set's host."""
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SECRET = "s3cr3t-never-printed-0123456789"
+
+
+def small_overrides(tmp_path, **extra) -> list[str]:
+    """A run small enough for a unit test: a few seconds on two cores."""
+    values = {
+        "data.synthetic.train_size": 1200,
+        "data.synthetic.test_size": 300,
+        "data.validation_size": 200,
+        "train.batch_size": 32,
+        "train.epochs": 2,
+        "checkpoint.every_steps": 10,
+        "checkpoint.uri": str(tmp_path / "ckpt"),
+        "export.uri": str(tmp_path / "export"),
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def wait_until(predicate, timeout: float = 120, interval: float = 0.1, what: str = "the condition"):
+    """Call predicate every `interval` seconds until it returns something true, and return that;
+    an AssertionError if nothing true came within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def url_ready(url: str) -> bool:
+    """Whether GET url answers 200 now (a server still starting is not an error)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a server started next can still lose it to a race, rarely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def publish(base: Path, net, probe, accuracy: float = 0.9, shift: float = 0.0) -> Path:
+    """Export `net` as the next version under `base` and make it appear whole (exported aside, then
+    renamed in), as a version published by the job does; returns its directory. A `shift` is added
+    to its recorded probe probabilities first, as for a version whose answers changed."""
+    import numpy as np
+
+    from job import export
+
+    staging = base.parent / "staging"
+    version = export.export(net, str(staging), base.name, {"test_accuracy": accuracy}, probe)[0]
+    if shift:
+        record = staging / base.name / str(version) / "assets.extra" / "probe_outputs.npz"
+        with np.load(record) as saved:
+            outputs = dict(saved)
+        np.savez(record, **{**outputs, "probabilities": outputs["probabilities"] + shift})
+    base.mkdir(exist_ok=True)
+    target = base / str(1 + max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0))
+    os.rename(staging / base.name / str(version), target)
+    return target
+
+
+class ServeProcess:
+    """`cifar-serve` (`python -m serve`) as a subprocess on a free port, with `args` after the port.
+    Its output is collected line by line as (stream, line), stdout and stderr each in its own order."""
+
+    def __init__(self, *args: str, env: dict | None = None, command=(sys.executable, "-m", "serve"), cwd=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*command, "--port", str(self.port), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                     env=os.environ if env is None else env)
+        self.lines: list[tuple[str, str]] = []
+        self.readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, name, stream):
+        self.lines.extend((name, line) for line in stream)
+
+    def output(self) -> str:
+        """Everything it wrote so far, both streams."""
+        return "".join(line for _, line in self.lines)
+
+    def wait_ready(self, timeout: float = 120):
+        wait_until(lambda: url_ready(self.url + "/readyz"), timeout=timeout, what=f"{self.url}/readyz")
+
+    def stop(self, drain: bool = False):
+        """Kill it if it still runs; with `drain`, return only once its output is all read (or 10 s)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if drain:
+            for reader in self.readers:
+                reader.join(timeout=10)
+
+
+class ArchiveServer(http.server.ThreadingHTTPServer):
+    """Serves .files[path] (bytes); counts every GET in .requests. A body in
+    .truncated is announced whole but cut off halfway."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.truncated: set[str] = set()
+        self.send_length = True
+        self.requests = 0
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes, so a length is optional
+
+    def do_GET(self):
+        self.server.requests += 1
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        if self.server.send_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.path in self.server.truncated else body)
+
+    def log_message(self, *args):
+        pass
