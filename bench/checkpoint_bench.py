@@ -54,7 +54,7 @@ def run(cfg: config.Config, parts: train.Parts, checksum: str, steps: int, uri: 
     elapsed = time.perf_counter() - started
     t = time.perf_counter()
     if checkpointer:
-        checkpointer.store.uploader.flush()
+        checkpointer.store.flush()
     return {"step_ms": 1000 * elapsed / steps, "save_ms": 1000 * statistics.mean(saves) if saves else 0.0,
             "drain_ms": 1000 * (time.perf_counter() - t)}
 

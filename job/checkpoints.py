@@ -5,7 +5,7 @@ A checkpoint is written to a local staging directory (fast, and a consistent
 snapshot), then, on a background thread: published as `ckpt-<step>/` in one
 step, named by `latest.json`, and only then are older checkpoints deleted.
 Whatever a killed run leaves behind is either complete and named, or ignored
-and cleaned up by the next commit. An outage delays commits, which retry for
+and cleaned up when the next run starts. An outage delays commits, which retry for
 `checkpoint.retry_seconds`; training does not wait for them.
 
 TensorFlow's CheckpointManager is not used: its state file and deletion
@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -75,23 +76,61 @@ class Uploader:
 
 
 class CheckpointStore:
+    """A run's `checkpoint.uri`: its checkpoints and latest.json, and the
+    other files of the run beside them, written in order on one uploader."""
+
     def __init__(self, uri: str, keep: int, uploader: Uploader):
         self.uri = uri
         self.keep = keep
-        self.backend = storage.backend(uri)
-        self.uploader = uploader
+        self._storage: storage.Storage = storage.backend(uri)
+        self._uploader = uploader
+
+    def at(self, uri: str) -> CheckpointStore:
+        """Another run's checkpoints (checkpoint.resume_from, model.init_from), on this store's uploader."""
+        return CheckpointStore(uri, self.keep, self._uploader)
+
+    def read(self, name: str) -> bytes | None:
+        return self._storage.read_bytes(storage.join(self.uri, name))
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write a file of the run now, whole."""
+        self._storage.write_bytes(storage.join(self.uri, name), data)
+
+    def write_later(self, name: str, data: bytes) -> None:
+        """Write a file of the run after every commit queued before it: storage
+        never shows a record that no committed checkpoint covers."""
+        self._uploader.submit(self.write, name, data)
+
+    def working_dir(self, name: str) -> Path:
+        return self._storage.working_dir(storage.join(self.uri, name))
+
+    def sync_later(self, name: str) -> None:
+        """Send `working_dir(name)` after every commit queued before it."""
+        self._uploader.submit(self._storage.sync, storage.join(self.uri, name))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for every queued write; False if `timeout` passed first."""
+        return self._uploader.flush(timeout)
+
+    def published(self) -> list[str]:
+        return self._storage.published(self.uri)
+
+    def clean_staging(self) -> None:
+        """Drop what a killed run staged but never committed: at a run's start,
+        before anything is staged, since a staging directory in use looks the same."""
+        self._storage.clean_staging(self.uri)
 
     @property
     def latest_uri(self) -> str:
         return storage.join(self.uri, "latest.json")
 
     def latest(self) -> dict | None:
-        raw = self.backend.read_bytes(self.latest_uri)
+        raw = self._storage.read_bytes(self.latest_uri)
         return json.loads(raw) if raw else None
 
     def save(self, checkpoint: tf.train.Checkpoint, step: int, previous: dict | None, **fields) -> dict:
         """Snapshot `step` now and commit it in the background; return the latest.json it will write."""
-        staged = self.backend.staging(self.uri)
+        staged = self._storage.staging(self.uri)
         checkpoint.write(str(staged / "ckpt"))
         kept = [s for s in (previous or {}).get("kept", []) if s != step] + [step]
         record = {**(previous or {}), **fields, "step": step, "checkpoint": f"ckpt-{step}",
@@ -99,31 +138,31 @@ class CheckpointStore:
         # The record travels inside the checkpoint too: a restart from this
         # step (checkpoint.resume_from) needs the run as it was then.
         (staged / RECORD).write_text(json.dumps(record, indent=2))
-        self.uploader.submit(self._commit, staged, record)
+        self._uploader.submit(self._commit, staged, record)
         return record
 
     def _commit(self, staged, record: dict) -> None:
         target = storage.join(self.uri, record["checkpoint"])
         if staged.exists():  # a retry after the publish itself succeeded has nothing left to move
-            self.backend.publish(staged, target, replace=True)
+            self._storage.publish(staged, target, replace=True)
         self._write_latest({**record, "committed_at": time.time()})
         self._prune(record)
 
     def update(self, previous: dict, **fields) -> dict:
         record = {**previous, **fields}
-        self.uploader.submit(self._write_latest, record)
+        self._uploader.submit(self._write_latest, record)
         return record
 
     def _write_latest(self, record: dict) -> None:
-        self.backend.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
+        self._storage.write_bytes(self.latest_uri, json.dumps(record, indent=2).encode())
 
     def record_at(self, step: int) -> dict | None:
         """latest.json as it was when `step` was committed, or None where there is no such checkpoint."""
-        raw = self.backend.read_bytes(storage.join(self.uri, f"ckpt-{step}", RECORD))
+        raw = self._storage.read_bytes(storage.join(self.uri, f"ckpt-{step}", RECORD))
         return json.loads(raw) if raw else None
 
     def restore(self, checkpoint: tf.train.Checkpoint, step: int) -> None:
-        local = self.backend.local_copy(storage.join(self.uri, f"ckpt-{step}"))
+        local = self._storage.local_copy(storage.join(self.uri, f"ckpt-{step}"))
         checkpoint.read(str(local / "ckpt")).assert_existing_objects_matched().expect_partial()
 
     def _prune(self, record: dict) -> None:
@@ -131,10 +170,9 @@ class CheckpointStore:
         wanted = {f"ckpt-{s}" for s in record["kept"]}
         if record.get("best"):
             wanted.add(f"ckpt-{record['best']['step']}")
-        for name in self.backend.published(self.uri):
+        for name in self._storage.published(self.uri):
             if name.startswith("ckpt-") and name not in wanted:
-                self.backend.delete(storage.join(self.uri, name))
-        self.backend.clean_staging(self.uri)
+                self._storage.delete(storage.join(self.uri, name))
 
 
 class Lease:

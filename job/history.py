@@ -8,22 +8,22 @@ import json
 
 import tensorflow as tf
 
-from job import storage
+from job.checkpoints import CheckpointStore
+
+METRICS, TENSORBOARD = "metrics.jsonl", "tensorboard"
 
 
 class History:
-    def __init__(self, checkpoint_uri: str, uploader):
-        self.uri = checkpoint_uri
-        self.uploader = uploader
-        self.backend = storage.backend(checkpoint_uri)
+    """Written through the run's CheckpointStore, behind its commits."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
         self.records: list[dict] = []
-        tb_uri = storage.join(checkpoint_uri, "tensorboard")
-        self._tb_uri = tb_uri
-        self._writer = tf.summary.create_file_writer(str(self.backend.working_dir(tb_uri)))
+        self._writer = tf.summary.create_file_writer(str(store.working_dir(TENSORBOARD)))
 
     def resume(self, step: int) -> None:
         """Keep the epochs a committed checkpoint covers; later lines belong to work being redone."""
-        raw = self.backend.read_bytes(storage.join(self.uri, "metrics.jsonl"))
+        raw = self.store.read(METRICS)
         lines = raw.decode().splitlines() if raw else []
         self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
 
@@ -40,9 +40,9 @@ class History:
         body = "".join(json.dumps(r) + "\n" for r in self.records)
         # Queued behind the epoch's checkpoint commit, so storage never shows
         # an epoch in metrics.jsonl that no committed checkpoint covers.
-        self.uploader.submit(self.backend.write_bytes, storage.join(self.uri, "metrics.jsonl"), body.encode())
-        self.uploader.submit(self.backend.write_bytes, storage.join(self.uri, "curves.png"), self._plot())
-        self.uploader.submit(self.backend.sync, self._tb_uri)
+        self.store.write_later(METRICS, body.encode())
+        self.store.write_later("curves.png", self._plot())
+        self.store.sync_later(TENSORBOARD)
 
     def _plot(self) -> bytes:
         import matplotlib

@@ -1,9 +1,10 @@
 """Where the job keeps what outlives it: one small interface over URIs.
 
-A URI is a local path or `s3://bucket/prefix`. Callers never ask which; they
-stage files in a local directory and `publish` it, read and write small
-objects, and list what has been published. A published directory appears
-whole or not at all, which is what checkpoints and TF Serving versions need.
+A URI is a local path or `s3://bucket/prefix`. Callers never ask which:
+`backend(uri)` gives a `Storage`, and they stage files in a local directory
+and `publish` it, read and write small objects, and list what has been
+published. A published directory appears whole or not at all, which is what
+checkpoints and TF Serving versions need.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from common import layout
 from job.errors import StorageError
@@ -25,6 +27,57 @@ _STAGING_PREFIX = ".staging-"
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+class Storage(Protocol):
+    """What the job may do with a URI. Each method says what a reader
+    elsewhere (another process, a resumed run) can see while it runs; every
+    failure is a StorageError naming the URI, never the credentials."""
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        """The object's bytes, or None if there is none."""
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Replace the object whole: a reader sees the old bytes or the new, never a mix."""
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        """Copy a local file to `uri`, whole, as write_bytes does."""
+
+    def delete_object(self, uri: str) -> None:
+        """Remove one object; nothing there is not an error."""
+
+    def exists(self, uri: str) -> bool:
+        ...
+
+    def staging(self, uri: str) -> Path:
+        """A new local directory to fill and then `publish` under `uri`."""
+
+    def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
+        """Make the staged directory `uri`, all at once: until it is complete
+        nobody lists or reads it. Without `replace` an existing `uri` wins
+        (FileExistsError): two publishers of one name never mix."""
+
+    def published(self, uri: str) -> list[str]:
+        """Names of the complete directories directly under `uri`."""
+
+    def delete(self, uri: str) -> None:
+        """Remove a published directory; it stops counting as published first."""
+
+    def clean_staging(self, uri: str) -> None:
+        """Drop what a crashed run staged under `uri` but never published. Only
+        while nothing is being staged there: it cannot tell a leftover from work."""
+
+    def local_copy(self, uri: str) -> Path:
+        """A local directory holding the published directory `uri`, each file checked."""
+
+    def cached_copy(self, uri: str, cache_dir: Path, wanted: Callable[[str], bool] | None = None) -> Path:
+        """A local copy of an object or prefix, kept across runs and fetched again only if it changed."""
+
+    def working_dir(self, uri: str) -> Path:
+        """A local directory whose files reach `uri` at each `sync` (for a local URI, `uri` itself)."""
+
+    def sync(self, uri: str) -> None:
+        """Send `working_dir(uri)`'s new and changed files, each one whole."""
 
 
 class LocalStorage:
@@ -368,7 +421,7 @@ def is_object_store(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def backend(uri: str) -> LocalStorage | S3Storage:
+def backend(uri: str) -> Storage:
     if is_object_store(uri):
         # One client per set of boto3 settings: clients are thread-safe and
         # slow to make, and the settings are read from the environment.

@@ -150,8 +150,9 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
     parts = build(cfg, splits, cluster.strategy)
     history = None
     if cluster.is_chief:
-        history = History(cfg.checkpoint.uri, store.uploader)
-        store.backend.write_bytes(storage.join(cfg.checkpoint.uri, "config.yaml"), cfg.dump().encode())
+        store.clean_staging()  # before this run stages anything
+        history = History(store)
+        store.write("config.yaml", cfg.dump().encode())
     _restore(start, parts, history, console)
 
     # Train: epochs of compiled calls up to the target step or an early stop.
@@ -432,7 +433,7 @@ def _preempted(store: CheckpointStore, cfg: Config, step: int, is_chief: bool):
     if not is_chief:
         raise Preempted(f"SIGTERM: stopping at step {step}, where the chief commits a checkpoint; "
                         f"exiting to be retried")
-    if store.uploader.flush(timeout=cfg.checkpoint.grace_seconds):
+    if store.flush(timeout=cfg.checkpoint.grace_seconds):
         raise Preempted(f"SIGTERM: committed checkpoint at step {step}; exiting to be retried")
     raise Preempted(f"SIGTERM: the checkpoint of step {step} did not commit within checkpoint.grace_seconds "
                     f"({cfg.checkpoint.grace_seconds:g}s); the last committed checkpoint stands. Exiting to be retried")
@@ -479,7 +480,7 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
     if int(checkpointer.record.get("step", -1)) != step:
         checkpointer.commit()
     train_seconds = float(parts.progress.elapsed.numpy())
-    store.uploader.flush()
+    store.flush()
     weights_step = _weights_to_export(cfg, console, store, parts, checkpointer.record)
     test_loss, test_acc, n_test = parts.trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
     console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
@@ -503,7 +504,7 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
     console.info(f"exported model version {version} to {uri}")
     store.update(checkpointer.record, finished=True, export={"version": version, "uri": uri,
                                                              "test_accuracy": test_acc, "test_loss": test_loss})
-    store.uploader.flush()
+    store.flush()
     return Result(step, test_acc, test_loss, version, uri)
 
 
@@ -580,8 +581,7 @@ def _checkpoint_at(uri: str, field: str, store: CheckpointStore) -> tuple[Checkp
     run's checkpoint.uri means its newest checkpoint, `.../ckpt-<step>` that one."""
     named = re.fullmatch(r"(.+)/ckpt-(\d+)/?", uri)
     run_uri = named.group(1) if named else uri
-    holder = store if run_uri.rstrip("/") == store.uri.rstrip("/") else \
-        CheckpointStore(run_uri, store.keep, store.uploader)
+    holder = store if run_uri.rstrip("/") == store.uri.rstrip("/") else store.at(run_uri)
     if named:
         step = int(named.group(2))
     else:
@@ -616,7 +616,7 @@ def _resume_from(cfg: Config, store: CheckpointStore, latest: dict | None, conso
     where = storage.join(source.uri, record["checkpoint"])
     # The record names checkpoints the run may hold no more (pruned since, or
     # in the other run's checkpoint.uri): keep those it can restore.
-    available = set(store.backend.published(store.uri)) if source is store else {record["checkpoint"]}
+    available = set(store.published()) if source is store else {record["checkpoint"]}
     kept = [s for s in record["kept"] if f"ckpt-{s}" in available]
     best = record.get("best")
     if best and f"ckpt-{best['step']}" not in available:
