@@ -51,23 +51,13 @@ BIN = Path(sys.executable).parent
 PATH = "/v1/models/cifar10:predict"
 MEMORY_EVERY_S = 5.0
 
+from bench.serve_memory import children  # noqa: E402  (needs ROOT on sys.path)
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # not a process, or one that just ended
-        if ppid == pid:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def worker_rss(master: int) -> dict[int, float]:
