@@ -186,6 +186,7 @@ def write_binary_batches(folder: Path, records: int = 2) -> None:
         (folder / name).write_bytes(body)
 
 
+@pytest.mark.slow
 def test_train_with_missing_data_exits_3_naming_the_path(tmp_path):
     missing = tmp_path / "missing"
     proc = cli(tmp_path, "train", *cifar10_args(tmp_path, missing))
@@ -193,6 +194,7 @@ def test_train_with_missing_data_exits_3_naming_the_path(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_train_with_truncated_batch_exits_3_naming_the_file(tmp_path):
     data = tmp_path / "cifar"
     write_binary_batches(data)
@@ -203,6 +205,7 @@ def test_train_with_truncated_batch_exits_3_naming_the_file(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_a_missing_model_fails_clearly(tmp_path):
     missing = tmp_path / "no-such-model"
     proc = cli(tmp_path, "evaluate", "--model", str(missing))

@@ -27,6 +27,8 @@ from test_containers import compose_config
 from test_fetch_data import REAL_SMALL
 from test_serve_tfserving import FakeTFServing, start_server
 
+pytestmark = pytest.mark.slow  # each test trains and starts cifar-serve
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -72,6 +72,7 @@ def passed(lines):
     return [line.split(None, 1)[1] for line in lines if line.startswith("ok ")]
 
 
+@pytest.mark.slow
 def test_the_in_process_backend_conforms(inprocess, exported, capsys):
     with serving(inprocess) as url:
         code, lines = conformance(capsys, url, "--export", exported, "--api-key", KEY)  # name from the server
@@ -81,6 +82,7 @@ def test_the_in_process_backend_conforms(inprocess, exported, capsys):
     assert keyless == 2 and "pass --api-key" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_tf_serving_backend_conforms(exported, capsys):
     fake = FakeTFServing(exported)
     grpc_server, port = start_server(fake)

@@ -23,6 +23,7 @@ def compose_config() -> dict:
     return yaml.safe_load(done.stdout)
 
 
+@pytest.mark.slow
 def test_compose_validates_with_every_override():
     if not shutil.which("docker-compose"):
         pytest.skip("needs Debian's docker-compose package")

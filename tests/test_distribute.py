@@ -156,6 +156,7 @@ def test_global_batch_must_split_evenly_across_replicas():
     three.check_global_batch(96)
 
 
+@pytest.mark.slow
 def test_aws_batch_nodes_meet_at_the_main_node_and_agree_on_the_cluster():
     port = free_port()
     results: dict[int, dict] = {}
@@ -178,6 +179,7 @@ def test_aws_batch_nodes_meet_at_the_main_node_and_agree_on_the_cluster():
     assert distribute.aws_batch_tf_config({"AWS_BATCH_JOB_NUM_NODES": "1"}, port, 1) is None
 
 
+@pytest.mark.slow
 def test_aws_batch_nodes_that_never_meet_fail_with_a_clear_error():
     port = free_port()
     main = {"AWS_BATCH_JOB_NUM_NODES": "2", "AWS_BATCH_JOB_NODE_INDEX": "0"}

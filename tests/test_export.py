@@ -91,6 +91,7 @@ def test_labels_warmup_and_model_card_ship_with_the_version(exported):
     assert not [p for p in base.joinpath("cifar10").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_versions_grow_and_never_overwrite(tmp_path, monkeypatch):
     net = model.build("simple_cnn")
     assert export.export(net, str(tmp_path), "m", {}, PIXELS)[0] == 1
@@ -112,6 +113,7 @@ def test_a_model_that_does_not_reload_the_same_is_not_published(tmp_path):
         export.verify(net, staged, PIXELS)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_exported_model(tmp_path, run_job):
     from helpers import small_overrides
     from job.config import load_config

@@ -97,6 +97,7 @@ def test_archives_load_like_the_directory(tmp_path, real):
         assert_same((train, test), expected[:2])
 
 
+@pytest.mark.slow
 def test_an_s3_prefix_loads_like_the_directory_and_fetches_only_images(s3, tmp_path, real):
     import boto3
 
@@ -152,6 +153,7 @@ def test_a_corrupt_image_is_a_data_error_naming_the_file(tmp_path, real, damage,
     assert str(victim) in str(info.value) and info.value.exit_code == 3
 
 
+@pytest.mark.slow
 def test_the_job_exits_3_naming_a_corrupt_image(tmp_path, real):
     root = write_tree(tmp_path / "pets", real)
     victim = root / "train" / REVERSED[2] / "0007.png"
@@ -222,6 +224,7 @@ def shapes_tree(root, per_class):
     return root
 
 
+@pytest.mark.slow
 def test_folder_names_label_the_export_and_the_service_answers(tmp_path, run_job):
     import tensorflow as tf
 

@@ -128,6 +128,7 @@ def test_the_docs_page_and_its_files_are_served_without_a_key_and_from_here_only
 
 
 
+@pytest.mark.slow
 def test_swagger_ui_renders_every_operation_in_a_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -17,6 +17,8 @@ from job.config import load_config
 from job.errors import ConfigError
 from test_train import latest, outputs
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 REAL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"
 # The fixture holds 300 training images: one epoch of 5 steps.
 TINY_REAL = {"data.source": "cifar10", "data.validation_size": 50, "train.batch_size": 50, "train.epochs": 1}

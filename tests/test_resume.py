@@ -13,6 +13,8 @@ from job.errors import ConfigError
 from job.evaluate import evaluate
 from test_train import PROBE, latest, outputs
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 STEPS_PER_EPOCH = (1200 - 200) // 32  # small_overrides' split and batch
 
 

@@ -40,6 +40,7 @@ def test_objects_and_published_directories_round_trip(s3, tmp_path):
     assert backend.published(root) == []
 
 
+@pytest.mark.slow
 def test_a_run_on_s3_resumes_and_matches_a_local_run(s3, tmp_path, run_job):
     remote = {"checkpoint.uri": f"s3://{s3}/ckpt", "export.uri": f"s3://{s3}/models"}
     run_job(small_overrides(tmp_path, **remote, **{"train.max_steps": 20}))
@@ -86,6 +87,7 @@ def _train(tmp_path, env, *sets):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env}, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_exits_4_naming_it_without_the_secret(s3, tmp_path):
     env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2"}
     done = _train(tmp_path, env, "checkpoint.uri=s3://my-bucket/ckpt")
@@ -94,6 +96,7 @@ def test_unreachable_endpoint_exits_4_naming_it_without_the_secret(s3, tmp_path)
     assert SECRET not in done.stdout + done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_missing_bucket_exits_4_naming_it(s3, tmp_path):
     done = _train(tmp_path, {}, "checkpoint.uri=s3://no-such-bucket-here/ckpt")
     assert done.returncode == 4 and "no-such-bucket-here" in done.stderr and "NoSuchBucket" in done.stderr

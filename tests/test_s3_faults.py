@@ -18,6 +18,8 @@ import tensorflow as tf
 from helpers import SECRET, small_overrides, wait_until
 from job import storage
 
+pytestmark = pytest.mark.slow  # every test here trains end to end against the S3 endpoint
+
 # Long enough (several seconds) to be interrupted on purpose.
 LONG = {"data.synthetic.train_size": 4200, "train.epochs": 4, "checkpoint.every_steps": 10,
         "checkpoint.lease_seconds": 3}

@@ -282,6 +282,7 @@ def test_sixteen_concurrent_clients_see_no_errors_and_get_batched(live_server):
     assert buckets["1.0"] < buckets["+Inf"]
 
 
+@pytest.mark.slow
 def test_a_new_version_is_served_without_a_restart_or_a_failed_request(live_server):
     url, base = live_server
     stop, failures, versions = threading.Event(), [], set()

@@ -319,6 +319,7 @@ HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_si
 
 # --- properties ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @FUZZ
 @given(route=st.sampled_from(ROUTES), method=st.sampled_from(METHODS), name=NAMES, version=NAMES,
        body=bodies(), request_id=st.one_of(st.none(), HEADER_TEXT),
@@ -335,6 +336,7 @@ def test_any_request_to_any_route_gets_no_5xx(client, route, method, name, versi
     check(client.open(path, method=method, headers=headers, **body))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=v1_bodies(), name=st.one_of(st.just(NAME), NAMES))
 def test_tf_serving_predict_never_5xx(client, body, name):
@@ -348,6 +350,7 @@ def test_tf_serving_predict_never_5xx(client, body, name):
             assert answer["predictions"] and all(len(p["probabilities"]) == 10 for p in answer["predictions"])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(request=v2_requests())
 def test_v2_infer_never_5xx(client, request):
@@ -364,6 +367,7 @@ def test_v2_infer_never_5xx(client, request):
                 assert out["parameters"]["binary_data_size"] > 0
 
 
+@pytest.mark.slow
 @FUZZ
 @given(image=st.one_of(image_bytes(), mangled_pngs()), how=st.sampled_from(["image/png", "image/jpeg", "multipart"]))
 def test_upload_of_any_image_bytes_never_5xx(client, image, how):

@@ -68,6 +68,7 @@ def service():
         s.stop()
 
 
+@pytest.mark.slow
 def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path, net, service):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -82,6 +83,7 @@ def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path
     assert out.count("every worker switched") == 1
 
 
+@pytest.mark.slow
 def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, net, service):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -93,6 +95,7 @@ def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, 
     assert svc.output().count("Autorestarting worker") >= 4
 
 
+@pytest.mark.slow
 def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -135,6 +138,7 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
     assert 'cifar_serve_model_versions_refused_total{reason="probe"} 1.0' in text
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_request(tmp_path, net, service):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -194,6 +198,7 @@ def test_a_switch_waits_for_every_live_worker_and_is_made_once(tmp_path):
         other.wait()
 
 
+@pytest.mark.slow
 def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(tmp_path, net, service):
     base = tmp_path / "cifar10"
     publish(base, net)

@@ -24,6 +24,8 @@ from PIL import Image
 
 from helpers import url_ready, wait_until
 
+pytestmark = pytest.mark.slow  # a real chromium for every test (and a wheel built for one)
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 NAME = "cifar10"
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,6 +47,7 @@ def refresh_failures(client) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.slow
 def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving(source, tmp_path, caplog):
     bucket, src = source
     republish(bucket, src, "models/cifar10/1")

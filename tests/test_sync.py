@@ -5,6 +5,7 @@ import sys
 
 import boto3
 import numpy as np
+import pytest
 
 from job import export, model
 from serve.sync import sync_once
@@ -12,6 +13,7 @@ from serve.sync import sync_once
 PIXELS = np.zeros((2, 32, 32, 3), np.uint8)
 
 
+@pytest.mark.slow
 def test_local_versions_are_copied_once_and_whole(tmp_path):
     net = model.build("simple_cnn")
     export.export(net, str(tmp_path / "export"), "cifar10", {}, PIXELS)
@@ -24,6 +26,7 @@ def test_local_versions_are_copied_once_and_whole(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_s3_versions_without_their_marker_are_left_alone(s3, tmp_path):
     export.export(model.build("simple_cnn"), f"s3://{s3}/models", "cifar10", {}, PIXELS)
     boto3.client("s3").put_object(Bucket=s3, Key="models/cifar10/2/saved_model.pb", Body=b"half")
@@ -35,6 +38,7 @@ def test_s3_versions_without_their_marker_are_left_alone(s3, tmp_path):
     assert (dest / "1" / "variables").is_dir()
 
 
+@pytest.mark.slow
 def test_a_damaged_s3_version_is_refused_by_name_and_newer_ones_still_sync(s3, tmp_path):
     from test_serve_s3 import DATA, republish
 

@@ -14,6 +14,8 @@ import tensorflow as tf
 from helpers import small_overrides
 from job.errors import ConfigError, DivergedError
 
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
 
 

@@ -64,6 +64,7 @@ def test_every_export_records_its_probe_batch_and_the_answers_to_it(tmp_path, ne
         np.testing.assert_allclose(record["probabilities"], own["probabilities"].numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_version_whose_answers_differ_is_refused_once_and_the_previous_keeps_serving(tmp_path, net):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -81,6 +82,7 @@ def test_a_version_whose_answers_differ_is_refused_once_and_the_previous_keeps_s
     wait_until(lambda: client.get("/readyz").json.get("version") == 3)
 
 
+@pytest.mark.slow
 def test_a_version_below_min_accuracy_is_not_served(tmp_path, net):
     base = tmp_path / "cifar10"
     publish(base, net, accuracy=0.9)
@@ -92,6 +94,7 @@ def test_a_version_below_min_accuracy_is_not_served(tmp_path, net):
     wait_until(lambda: refused(client, "accuracy") == before + 1)
 
 
+@pytest.mark.slow
 def test_a_pinned_version_is_served_while_a_newer_one_exists(tmp_path, net):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -106,6 +109,7 @@ def test_a_pinned_version_is_served_while_a_newer_one_exists(tmp_path, net):
     assert ready.status_code == 503 and "version 5 (SERVE_MODEL_VERSION)" in ready.json["reason"]
 
 
+@pytest.mark.slow
 def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_path, net):
     base = tmp_path / "cifar10"
     publish(base, net)
@@ -120,6 +124,7 @@ def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_pat
     assert sorted(p.name for p in dest.iterdir()) == ["1", "4"]
 
 
+@pytest.mark.slow
 def test_withdrawing_the_served_version_rolls_back_to_the_warm_previous_one(tmp_path, net):
     base = tmp_path / "cifar10"
     publish(base, net)
