@@ -313,8 +313,10 @@ with cluster.strategy.scope():
     trainer = Trainer(net, opt, global_batch_size=4)
 before = [w.copy() for w in net.get_weights()]
 scale = float(opt.dynamic_scale.numpy())
-# Replica 0 gets ordinary inputs, replica 1 inputs whose float16 gradients overflow.
-x = np.array([[1.0], [1.0], [60000.0], [60000.0]], np.float32)
+# Replica 0 gets ordinary inputs, replica 1 inputs beyond float16's range (65504): whatever the
+# random weights, its gradients are not finite. (At 60000 they overflowed only mostly: when the
+# saturated softmax happened to pick the label, the gradients were zero.)
+x = np.array([[1.0], [1.0], [1e5], [1e5]], np.float32)
 ds = tf.data.Dataset.from_tensors((x, np.zeros(4, np.int32)))
 it = iter(cluster.strategy.experimental_distribute_dataset(ds))
 trainer.train_loop(it, tf.constant(1))
