@@ -56,11 +56,15 @@ class Service(ServeProcess):
 
 
 @pytest.fixture
-def service():
+def service(tmp_path, net):
+    """Start `cifar-serve` with `workers` workers on `tmp_path / "cifar10"`, which
+    holds version 1, and wait until it says it is ready."""
     started = []
 
-    def start(*args, **env):
-        started.append(Service(*args, **env))
+    def start(workers, **env):
+        publish(tmp_path / "cifar10", net)
+        started.append(Service(tmp_path / "cifar10", workers, **env))
+        started[-1].wait_ready(timeout=120)
         return started[-1]
 
     yield start
@@ -69,11 +73,8 @@ def service():
 
 
 @pytest.mark.slow
-def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path, net, service):
-    base = tmp_path / "cifar10"
-    publish(base, net)
-    svc = service(base, 4)
-    svc.wait_ready(timeout=120)
+def test_with_four_workers_every_request_after_the_first_ready_succeeds(service):
+    svc = service(4)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: svc.predict(), range(160)))
     assert answers == [(200, "1")] * 160
@@ -84,12 +85,9 @@ def test_with_four_workers_every_request_after_the_first_ready_succeeds(tmp_path
 
 
 @pytest.mark.slow
-def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, net, service):
-    base = tmp_path / "cifar10"
-    publish(base, net)
+def test_restarted_workers_take_no_request_before_they_hold_the_model(service):
     # gunicorn restarts each worker after 15 to 20 requests: every few requests a worker is loading.
-    svc = service(base, 2, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 5")
-    svc.wait_ready(timeout=120)
+    svc = service(2, GUNICORN_CMD_ARGS="--max-requests 15 --max-requests-jitter 5")
     answers = [svc.predict() for _ in range(120)]
     assert answers == [(200, "1")] * 120
     assert svc.output().count("Autorestarting worker") >= 4
@@ -97,10 +95,7 @@ def test_restarted_workers_take_no_request_before_they_hold_the_model(tmp_path, 
 
 @pytest.mark.slow
 def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service):
-    base = tmp_path / "cifar10"
-    publish(base, net)
-    svc = service(base, 3)
-    svc.wait_ready(timeout=120)
+    svc = service(3)
     answers = []  # (sent, answered, status, version)
     stop = threading.Event()
 
@@ -114,9 +109,9 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
     for c in clients:
         c.start()
     time.sleep(1)
-    publish(base, net, tamper=True)  # version 2: refused by every worker, told once
+    publish(tmp_path / "cifar10", net, tamper=True)  # version 2: refused by every worker, told once
     wait_until(lambda: "refused cifar10 version 2" in svc.output(), timeout=120)
-    publish(base, net)
+    publish(tmp_path / "cifar10", net)
     wait_until(lambda: any(a[3] == "3" for a in answers), timeout=120)
     time.sleep(1)
     stop.set()
@@ -139,11 +134,8 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_request(tmp_path, net, service):
-    base = tmp_path / "cifar10"
-    publish(base, net)
-    svc = service(base, 2, SERVE_DRAIN_SECONDS="2")
-    svc.wait_ready(timeout=120)
+def test_sigterm_under_load_reports_not_ready_then_answers_every_accepted_request(service):
+    svc = service(2, SERVE_DRAIN_SECONDS="2")
     answers, failures = [], []
     not_ready = threading.Event()  # what a load balancer learns from /readyz
 
@@ -199,12 +191,9 @@ def test_a_switch_waits_for_every_live_worker_and_is_made_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(tmp_path, net, service):
-    base = tmp_path / "cifar10"
-    publish(base, net)
+def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(service):
     # 5: not what TensorFlow would choose itself here, unless the machine has exactly 5 cores.
-    svc = service(base, 2, SERVE_TF_THREADS="5")
-    svc.wait_ready(timeout=120)
+    svc = service(2, SERVE_TF_THREADS="5")
     assert [svc.predict() for _ in range(8)] == [(200, "1")] * 8
     workers = [int(p) for p in open(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read().split()]
     assert len(workers) == 2
