@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MARKER = "_COMPLETE"
@@ -82,6 +82,16 @@ def check_file(path: Path, digest: str, where: str) -> None:
     if sha256(path) != digest:
         raise LayoutError(f"{where} is corrupt: its SHA-256 differs from the one its {MARKER} "
                           f"manifest recorded when it was published")
+
+
+def fetch(marker: bytes, where: str, into: Path, download: Callable[[str, Path], None]) -> None:
+    """Fetch exactly the files `marker` lists into `into`, each by `download(relative path,
+    target)`, and check each against its SHA-256: LayoutError at the first that differs."""
+    for rel, digest in read_manifest(marker, where).items():
+        target = Path(into) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        download(rel, target)
+        check_file(target, digest, f"{where}/{rel}")
 
 
 def published(keys: Iterable[str]) -> list[str]:

@@ -282,11 +282,8 @@ class S3Storage:
             raise StorageError(f"{uri} is not a complete published directory at {self.endpoint}")
         dest = Path(tempfile.mkdtemp(prefix="cifar-download-"))
         try:
-            for rel, digest in layout.read_manifest(raw, uri).items():
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._call(uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target))
-                layout.check_file(target, digest, f"{uri}/{rel}")
+            layout.fetch(raw, uri, dest, lambda rel, target: self._call(
+                uri, "download", self.client.download_file, bucket, f"{key}/{rel}", str(target)))
         except layout.LayoutError as exc:
             raise StorageError(str(exc)) from None
         return dest

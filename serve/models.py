@@ -71,16 +71,16 @@ def _download(bucket: str, version_prefix: str, into: Path) -> None:
     client = _s3()
     where = f"s3://{bucket}/{version_prefix}"
     body = client.get_object(Bucket=bucket, Key=f"{version_prefix}/{layout.MARKER}")["Body"].read()
-    for rel, digest in layout.read_manifest(body, where).items():
-        target = into / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+
+    def download(rel: str, target: Path) -> None:
         try:
             client.download_file(bucket, f"{version_prefix}/{rel}", str(target))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
                 raise
             raise VersionError(f"{where}/{rel} is listed in its {layout.MARKER} manifest but missing") from None
-        layout.check_file(target, digest, f"{where}/{rel}")
+
+    layout.fetch(body, where, into, download)
 
 
 def _split(uri: str) -> tuple[str, str]:
