@@ -11,12 +11,15 @@ from keras import layers
 NUM_CLASSES = 10
 
 
-def build(name: str, mixed_precision: bool = False, width: float = 1.0,
-          sample: np.ndarray | None = None, seed: int | None = None) -> keras.Model:
-    """`width` multiplies every layer's channels; `sample` (uint8 training
-    images) is what data-dependent initialisation reads (airbench's whitening).
-    `seed` makes the initial weights a function of it alone; None, for a model
-    rebuilt only to restore weights into, draws from whatever state there is."""
+def build(name: str, policy: str = "float32", width: float = 1.0, sample: np.ndarray | None = None,
+          seed: int | None = None, tta: str = "none") -> keras.Model:
+    """`policy` is Keras' dtype policy (float32, mixed_float16,
+    mixed_bfloat16); `width` multiplies every layer's channels; `sample`
+    (uint8 training images) is what data-dependent initialisation reads
+    (airbench's whitening). `seed` makes the initial weights a function of it
+    alone; None, for a model rebuilt only to restore weights into, draws
+    from whatever state there is. `tta` (see TestTimeAugmentation) changes
+    what inference computes, not the weights."""
     if seed is not None:
         # Keras' initialisers draw their seeds from Python's global `random`
         # (and unseeded keras.random calls from a global generator) when
@@ -27,13 +30,50 @@ def build(name: str, mixed_precision: bool = False, width: float = 1.0,
     previous = keras.config.dtype_policy()
     # Layers read the policy when they are built, so it is set only around
     # construction and the process-wide default is left as it was.
-    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    keras.config.set_dtype_policy(policy)
     try:
-        if name == "airbench":
-            return airbench(width, sample)
-        return _BUILDERS[name](width)
+        net = airbench(width, sample) if name == "airbench" else _BUILDERS[name](width)
+        return net if tta == "none" else TestTimeAugmentation(net, tta)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def float32_twin(net: keras.Model, name: str, width: float, tta: str) -> keras.Model:
+    """The same network computing in float32, holding `net`'s weights: what
+    is evaluated and exported after mixed-precision training, so that the
+    served model runs at full speed on any CPU (float16 and bfloat16
+    convolutions do only on some) and loses nothing to rounding."""
+    twin = build(name, "float32", width, tta=tta)
+    twin.set_weights(net.get_weights())
+    return twin
+
+
+class TestTimeAugmentation(keras.Model):
+    """Inference that averages the logits of flipped (`flip`) and also of
+    one-pixel-shifted (`flip_translate`) copies of each image, as airbench
+    does; training steps see the network alone. It is the model's own call,
+    so validation, the test figure and the exported SavedModel all count it."""
+
+    def __init__(self, net: keras.Model, level: str, **kwargs):
+        super().__init__(name=f"{net.name}_tta", **kwargs)
+        self.net, self.level = net, level
+
+    def _mirrored(self, images):
+        both = self.net(keras.ops.concatenate([images, keras.ops.flip(images, axis=2)]), training=False)
+        plain, flipped = keras.ops.split(both, 2)
+        return 0.5 * (plain + flipped)
+
+    def call(self, images, training=False):
+        if training:
+            return self.net(images, training=True)
+        logits = self._mirrored(images)
+        if self.level == "flip_translate":
+            # Up-left and down-right by one pixel, edges reflected (airbench's tta_level 2).
+            padded = keras.ops.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
+            shifted = keras.ops.concatenate([padded[:, :32, :32], padded[:, 2:, 2:]])
+            up_left, down_right = keras.ops.split(self._mirrored(shifted), 2)
+            logits = 0.5 * logits + 0.25 * (up_left + down_right)
+        return logits
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -148,6 +188,28 @@ class PartialIdentity(keras.initializers.Initializer):
         return w * keep + eye
 
 
+class FastBias(layers.Layer):
+    """A per-channel bias that learns `rate` times faster than other weights
+    under SGD: airbench's BatchNorm biases take 64 times the learning rate
+    (its `bias_scaler`) but the same weight decay. Stored as b / sqrt(rate)
+    and multiplied back, which under SGD with momentum is exactly a
+    `rate`-fold learning rate for b, and under decoupled weight decay the
+    same decay; so the optimizer needs no per-variable learning rates."""
+
+    def __init__(self, rate: float = 64.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return x + keras.ops.cast(self.bias * self.rate ** 0.5, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
 def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Model:
     """airbench94's network (Keller Jordan, 2024), in Keras: a whitening
     layer, three conv-pool-BN-GELU groups (64, 256, 256 channels times
@@ -167,10 +229,12 @@ def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Mode
             if conv == 1:
                 x = layers.MaxPooling2D()(x)
             # momentum 0.6 is PyTorch's 0.4; the scale is fixed at 1, as in airbench.
-            x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, scale=False)(x)
-            x = layers.Activation("gelu")(x)
+            x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, center=False, scale=False)(x)
+            x = layers.Activation("gelu")(FastBias()(x))
     x = layers.GlobalMaxPooling2D()(x)
-    x = layers.Dense(NUM_CLASSES, use_bias=False, dtype="float32", name="logits")(x)
+    # PyTorch's default Linear initialisation, as airbench has it: uniform within 1/sqrt(fan_in).
+    head_init = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    x = layers.Dense(NUM_CLASSES, use_bias=False, dtype="float32", kernel_initializer=head_init, name="logits")(x)
     # A small logit scale lets the head train at the body's large learning rate.
     return keras.Model(images, layers.Rescaling(1 / 9, dtype="float32")(x), name="airbench")
 

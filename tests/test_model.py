@@ -44,3 +44,55 @@ def test_width_scales_the_channels_and_every_model_takes_raw_pixels(name, real_i
     assert narrow.count_params() < wide.count_params() / 2
     logits = narrow(real_images[:4], training=False).numpy()
     assert logits.shape == (4, 10) and logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_flip_tta_answers_an_image_and_its_mirror_alike(real_images):
+    net = model.build("airbench", width=0.25, sample=real_images, seed=0, tta="flip")
+    x = real_images[:8]
+    mirrored = np.ascontiguousarray(x[:, :, ::-1])
+    np.testing.assert_allclose(net(x, training=False), net(mirrored, training=False), rtol=0, atol=1e-5)
+    # The network alone does not: the averaging is what makes it so.
+    assert not np.allclose(net.net(x, training=False), net.net(mirrored, training=False), atol=1e-3)
+
+
+def test_flip_translate_tta_averages_six_views_and_training_sees_the_network_alone(real_images):
+    net = model.build("airbench", width=0.25, sample=real_images, seed=0, tta="flip_translate")
+    x = real_images[:4]
+
+    def both_ways(v):
+        return 0.5 * (net.net(v, training=False).numpy() + net.net(np.ascontiguousarray(v[:, :, ::-1]),
+                                                                    training=False).numpy())
+
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+    expected = 0.5 * both_ways(x) + 0.25 * (both_ways(padded[:, :32, :32]) + both_ways(padded[:, 2:, 2:]))
+    np.testing.assert_allclose(net(x, training=False), expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(net(x, training=True), net.net(x, training=True))
+
+
+def test_a_fast_bias_moves_64_times_as_far_under_sgd_and_decays_alike():
+    import keras
+    import tensorflow as tf
+
+    bias = model.FastBias()
+    bias.build((None, 3))
+    zeros = tf.zeros((1, 3))
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(bias(zeros))
+    opt = keras.optimizers.SGD(0.01)
+    opt.apply(tape.gradient(total, bias.trainable_variables), bias.trainable_variables)
+    np.testing.assert_allclose(bias(zeros), [[-0.64] * 3], rtol=1e-5)  # a plain bias: -0.01
+    decaying = keras.optimizers.SGD(0.01, weight_decay=0.5)
+    decaying.apply([tf.zeros(3)], bias.trainable_variables)
+    np.testing.assert_allclose(bias(zeros), [[-0.64 * (1 - 0.01 * 0.5)] * 3], rtol=1e-5)
+
+
+def test_the_float32_twin_holds_the_mixed_precision_weights_and_computes_in_float32(real_images):
+    trained = model.build("airbench", "mixed_bfloat16", width=0.25, sample=real_images, seed=0, tta="flip")
+    twin = model.float32_twin(trained, "airbench", 0.25, "flip")
+    assert {layer.compute_dtype for layer in twin.net.layers} == {"float32"}
+    assert "bfloat16" in {layer.compute_dtype for layer in trained.net.layers}
+    for a, b in zip(trained.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = real_images[:16]
+    # bfloat16 keeps 8 bits of mantissa: close, not equal.
+    np.testing.assert_allclose(twin(x, training=False), trained(x, training=False), atol=0.05)
