@@ -64,6 +64,12 @@ class Data(Section):
                                              "horizontally with probability 1/2.")
     translate: int = Field(4, ge=0, le=16, description="With `data.augment`: the most pixels an image is shifted "
                                                        "by in each direction; 0 for flips alone.")
+    flip: Literal["random", "alternating"] = Field(
+        "random",
+        description="With `data.augment`: `random` flips each image with probability 1/2 each epoch; "
+                    "`alternating` flips a random half in the first epoch and then flips each image every other "
+                    "epoch, so that every two epochs show both sides of every image (airbench's choice).",
+    )
 
 
 class Model(Section):
@@ -77,6 +83,13 @@ class Model(Section):
     width: float = Field(1.0, gt=0, le=8,
                          description="Multiplies the network's channel counts (each stays at least 8): 0.5 is a "
                                      "network about four times cheaper.")
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "none",
+        description="Test-time augmentation: inference averages the logits of each image and its mirror "
+                    "(`flip`), and also of both shifted one pixel up-left and down-right (`flip_translate`, six "
+                    "passes). It is the model's own inference, so validation, the test figure and the exported "
+                    "model all include it, at that many times the cost per image.",
+    )
     init_from: str | None = Field(
         None,
         description="Start a new run from another run's weights: its `checkpoint.uri` (its newest checkpoint) or "
@@ -153,6 +166,17 @@ class EarlyStopping(Section):
                                                  "weights rather than the last.")
 
 
+class Lookahead(Section):
+    enabled: bool = Field(False, description="Keep slow weights beside the network's (airbench's lookahead): "
+                                             "every `every_steps` steps they move towards the network's weights "
+                                             "and the network is reset to them; the run ends on them.")
+    every_steps: int = Field(5, ge=1, description="Steps between two updates of the slow weights.")
+    decay: float = Field(0.95, gt=0, lt=1,
+                         description="How much of the slow weights an update keeps, per step between updates, at "
+                                     "the end of the run; it rises from 0 as the cube of the run's progress "
+                                     "(`train.epochs`), so early updates all but copy the network's weights.")
+
+
 class Train(Section):
     epochs: int = Field(
         10, ge=1,
@@ -184,14 +208,26 @@ class Train(Section):
                     "beside it (`{name: cosine, warmup_epochs: 1}`).",
     )
     early_stopping: EarlyStopping = EarlyStopping()
-    mixed_precision: bool = Field(False, description="float16 compute with loss scaling, for GPUs (CPUs run "
-                                                     "float16 convolutions far slower than float32).")
+    lookahead: Lookahead = Lookahead()
+    mixed_precision: bool | Literal["float16", "bfloat16"] = Field(
+        False,
+        description="Compute in 16 bits, weights kept in float32. `true` or `float16`: with loss scaling, for "
+                    "GPUs (CPUs run float16 convolutions far slower than float32). `bfloat16`: no loss scaling "
+                    "needed; for CPUs with AMX or AVX512-BF16 and recent GPUs. Evaluation and export use a "
+                    "float32 copy of the trained weights either way.",
+    )
     jit_compile: bool = Field(False, description="Compile the training and evaluation steps with XLA; needs "
                                                  "`train.deterministic: false`.")
     deterministic: bool = Field(True, description="Deterministic kernels: a run stopped and resumed ends "
                                                   "exactly where an uninterrupted one does, and reruns repeat.")
     log_every_steps: int = Field(50, ge=1, description="Steps between progress lines (and TensorBoard "
                                                        "scalars); each epoch's end prints one too.")
+
+    @property
+    def dtype_policy(self) -> str:
+        """Keras' name for the compute precision."""
+        return {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
+                "bfloat16": "mixed_bfloat16"}[self.mixed_precision]
 
     @field_validator("lr_schedule", mode="before")
     @classmethod
@@ -323,7 +359,8 @@ class Config(BaseSettings):
         epochs under a schedule that spans them (HORIZON_SCHEDULES).
         """
         d = self.model_dump(mode="json")
-        horizon = {"train.epochs": d["train"]["epochs"]} if self.train.lr_schedule.name in HORIZON_SCHEDULES else {}
+        spans = self.train.lr_schedule.name in HORIZON_SCHEDULES or self.train.lookahead.enabled
+        horizon = {"train.epochs": d["train"]["epochs"]} if spans else {}
         return {
             "seed": d["seed"],
             "data.source": d["data"]["source"],
@@ -331,11 +368,13 @@ class Config(BaseSettings):
             "data.validation_size": d["data"]["validation_size"],
             "data.augment": d["data"]["augment"],
             "data.translate": d["data"]["translate"],
+            "data.flip": d["data"]["flip"],
             "model.name": d["model"]["name"],
             "model.width": d["model"]["width"],
             "train.optimizer": d["train"]["optimizer"],
             "train.batch_size": d["train"]["batch_size"],
             "train.mixed_precision": d["train"]["mixed_precision"],
+            "train.lookahead": d["train"]["lookahead"],
             **horizon,
         }
 

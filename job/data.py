@@ -19,10 +19,16 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def augment_params(seed: int, epoch: int, n: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
-    """Crop offsets and flips for every example of an epoch, indexed by example."""
+def augment_params(seed: int, epoch: int, n: int, pad: int = PAD,
+                   flip: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Crop offsets and flips for every example of an epoch, indexed by example.
+    `alternating` flips: a random half in epoch 0, then each image the other
+    way round from the epoch before."""
     rng = np.random.default_rng([seed, epoch, 1])
-    return rng.integers(0, 2 * pad + 1, size=(n, 2)).astype(np.int32), rng.random(n) < 0.5
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2)).astype(np.int32)
+    if flip == "alternating":
+        return offsets, (np.random.default_rng([seed, 0, 2]).random(n) < 0.5) ^ bool(epoch % 2)
+    return offsets, rng.random(n) < 0.5
 
 
 def crop_and_flip(images: tf.Tensor, offsets: tf.Tensor, flips: tf.Tensor, pad: int = PAD) -> tf.Tensor:
@@ -40,11 +46,11 @@ class TrainStream:
     """The training batches of one run: epoch e, from step s on."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, batch_size: int, augment: bool,
-                 translate: int = PAD):
+                 translate: int = PAD, flip: str = "random"):
         self.images = tf.constant(images)
         self.labels = tf.constant(labels)
         self.n = len(images)
-        self.seed, self.batch_size, self.augment, self.translate = seed, batch_size, augment, translate
+        self.seed, self.batch_size, self.augment, self.translate, self.flip = seed, batch_size, augment, translate, flip
         # Dropping the ragged last batch keeps one traced step shape and a
         # fixed number of steps per epoch, which resume arithmetic relies on.
         self.steps_per_epoch = self.n // batch_size
@@ -66,7 +72,7 @@ class TrainStream:
         images, labels = self.images, self.labels
         if self.augment:
             pad = self.translate
-            offsets, flips = augment_params(self.seed, epoch, self.n, pad)
+            offsets, flips = augment_params(self.seed, epoch, self.n, pad, self.flip)
             ds = tf.data.Dataset.from_tensor_slices((order, offsets[order], flips[order]))
             ds = ds.batch(batch, drop_remainder=True)
             ds = ds.map(lambda i, o, f: (crop_and_flip(tf.gather(images, i), o, f, pad), tf.gather(labels, i)))

@@ -15,6 +15,7 @@ import math
 import keras
 import tensorflow as tf
 
+from job.config import Lookahead as LookaheadConfig
 from job.config import Train
 
 
@@ -57,6 +58,35 @@ def build_optimizer(cfg: Train, schedule: Schedule) -> keras.optimizers.Optimize
         opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
     else:
         opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
-    if cfg.mixed_precision:
+    if cfg.dtype_policy == "mixed_float16":
+        # bfloat16 has float32's range: its gradients need no scaling.
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+class Lookahead(tf.Module):
+    """airbench's weight averaging: slow weights that every `every_steps`
+    steps take a step towards the network's, after which the network starts
+    again from them. How much the slow weights keep rises as the cube of the
+    run's progress, from nothing to `decay ** every_steps` at its last step,
+    which ends the run on them. BatchNorm's statistics are averaged with the
+    weights, as airbench averages its whole state. A function of the
+    optimizer's step alone, and its variables are checkpointed, so a resumed
+    run averages exactly as an uninterrupted one."""
+
+    def __init__(self, cfg: LookaheadConfig, model: keras.Model, total_steps: int):
+        """Build it inside the strategy's scope, as its variables must be."""
+        super().__init__(name="lookahead")
+        self.every, self.total = cfg.every_steps, total_steps
+        self.final = cfg.decay ** cfg.every_steps
+        self.fast = [v for v in model.variables if "float" in str(v.dtype)]
+        self.slow = [tf.Variable(v.value, trainable=False, name="slow") for v in self.fast]
+
+    def after_step(self, step) -> None:
+        """Called with the optimizer's step count once each step is applied."""
+        if step % self.every == 0 or step == self.total:
+            progress = tf.minimum(tf.cast(step, tf.float32) / self.total, 1.0)
+            keep = self.final * progress ** 3
+            for fast, slow in zip(self.fast, self.slow, strict=True):
+                slow.assign(keep * slow + (1 - keep) * fast.value)
+                fast.assign(slow)

@@ -27,7 +27,7 @@ from job.checkpoints import RECORD, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import ConfigError, DivergedError, PeerLost, Preempted, StorageError
 from job.history import History
-from job.trainer import Trainer
+from job.trainer import Trainer, evaluate, evaluator
 from job.report import Console
 
 
@@ -98,7 +98,7 @@ def run(cfg: Config, console: Console) -> Result:
     cluster = distribute.resolve(cfg.distribute)
     console.info(cluster.describe())
     cluster.check_global_batch(cfg.train.batch_size)
-    if cfg.train.mixed_precision and not tf.config.list_physical_devices("GPU"):
+    if cfg.train.dtype_policy == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
         # Measured in docs/benchmarks.md ("Recipes"): ResNet-20 trains at 5 images/s in float16 on
         # this project's 2-core CPU host, 560 in float32. Allowed (it is correct), but said.
         console.info("warning: train.mixed_precision is on but this host has no GPU: CPUs run float16 "
@@ -234,14 +234,17 @@ def build(cfg: Config, splits: sources.Splits, strategy: tf.distribute.Strategy 
     """A run's parts as the job builds them (the benches build theirs here
     too, so that they measure what the job runs)."""
     stream = data.TrainStream(splits.x_train, splits.y_train, cfg.seed, cfg.train.batch_size, cfg.data.augment,
-                              cfg.data.translate)
+                              cfg.data.translate, cfg.data.flip)
     with (strategy or tf.distribute.get_strategy()).scope():
         # The whitening layer of airbench reads the first 5,000 training images.
-        net = model.build(cfg.model.name, cfg.train.mixed_precision, cfg.model.width, splits.x_train[:5000],
-                          seed=cfg.seed)
+        net = model.build(cfg.model.name, cfg.train.dtype_policy, cfg.model.width, splits.x_train[:5000],
+                          seed=cfg.seed, tta=cfg.model.tta)
         schedule = optim.Schedule(cfg.train, stream.steps_per_epoch)
         optimizer = optim.build_optimizer(cfg.train, schedule)
-        trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile)
+        lookahead = (optim.Lookahead(cfg.train.lookahead, net, cfg.train.epochs * stream.steps_per_epoch)
+                     if cfg.train.lookahead.enabled else None)
+        trainer = Trainer(net, optimizer, cfg.train.batch_size, cfg.train.label_smoothing, cfg.train.jit_compile,
+                          lookahead)
     progress = Progress()
     checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer, trainer=trainer, progress=progress,
                                      lr_scale=schedule.scale)
@@ -482,7 +485,11 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
     train_seconds = float(parts.progress.elapsed.numpy())
     store.flush()
     weights_step = _weights_to_export(cfg, console, store, parts, checkpointer.record)
-    test_loss, test_acc, n_test = parts.trainer.evaluate(data.eval_batches(splits.x_test, splits.y_test))
+    served = parts.model
+    if cfg.train.dtype_policy != "float32":
+        served = model.float32_twin(parts.model, cfg.model.name, cfg.model.width, cfg.model.tta)
+        console.info(f"evaluating and exporting in float32 (trained in {cfg.train.dtype_policy})")
+    test_loss, test_acc, n_test = evaluate(evaluator(served), data.eval_batches(splits.x_test, splits.y_test))
     console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
     card = {
         "model": cfg.model.name,
@@ -499,7 +506,7 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
         "tensorflow": tf.__version__,
         "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
     }
-    version, uri = export.export(parts.model, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
+    version, uri = export.export(served, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
                                  splits.class_names)
     console.info(f"exported model version {version} to {uri}")
     store.update(checkpointer.record, finished=True, export={"version": version, "uri": uri,

@@ -12,9 +12,12 @@ import tensorflow as tf
 
 class Trainer(tf.Module):
     def __init__(self, model: keras.Model, optimizer, global_batch_size: int, label_smoothing: float = 0.0,
-                 jit_compile: bool = False):
-        """Build it inside the strategy's scope, as its variables must be."""
+                 jit_compile: bool = False, lookahead=None):
+        """Build it inside the strategy's scope, as its variables must be.
+        `lookahead` (optim.Lookahead) runs after each step, in cross-replica
+        context, so every replica's weights move as one."""
         super().__init__(name="trainer")
+        self.lookahead = lookahead
         self.strategy = tf.distribute.get_strategy()
         self.model = model
         self.optimizer = optimizer
@@ -30,21 +33,13 @@ class Trainer(tf.Module):
         self.optimizer.build(model.trainable_variables)
         self._step = tf.function(self._train_step, jit_compile=jit_compile)
         self.train_loop = tf.function(self._train_loop)
-        self.evaluate_batch = tf.function(self._eval_step, jit_compile=jit_compile, reduce_retracing=True)
-
-    def _per_example_loss(self, labels, logits, smoothing: float):
-        targets = tf.one_hot(labels, tf.shape(logits)[-1])
-        if smoothing:
-            targets = targets * (1 - smoothing) + smoothing / tf.cast(tf.shape(logits)[-1], tf.float32)
-        # log_softmax rather than softmax_cross_entropy_with_logits, which has
-        # no deterministic GPU kernel.
-        return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1)
+        self.evaluate_batch = evaluator(model, jit_compile)
 
     def _train_step(self, images, labels):
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            per_example = self._per_example_loss(labels, logits, self.label_smoothing)
+            per_example = _per_example_loss(labels, logits, self.label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
         grads = tape.gradient(scaled, variables)
@@ -52,7 +47,7 @@ class Trainer(tf.Module):
             grads = self._overflow_everywhere_or_nowhere(grads)
         self.optimizer.apply(grads, variables)
         seen = tf.cast(tf.shape(labels)[0], tf.float32)
-        self.sums.assign_add(tf.stack([tf.reduce_sum(per_example), self._count_correct(labels, logits), seen]))
+        self.sums.assign_add(tf.stack([tf.reduce_sum(per_example), _count_correct(labels, logits), seen]))
         return loss
 
     @staticmethod
@@ -73,17 +68,10 @@ class Trainer(tf.Module):
         for _ in tf.range(steps):
             per_replica = self.strategy.run(self._step, args=next(iterator))
             loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            if self.lookahead is not None:
+                self.lookahead.after_step(self.optimizer.iterations)
         return loss
 
-    def _eval_step(self, images, labels):
-        logits = self.model(images, training=False)
-        per_example = self._per_example_loss(labels, logits, 0.0)
-        return tf.reduce_sum(per_example), self._count_correct(labels, logits)
-
-    @staticmethod
-    def _count_correct(labels, logits):
-        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
-        return tf.reduce_sum(tf.cast(hits, tf.float32))
 
     def reset_sums(self) -> None:
         self.sums.assign(tf.zeros(3))
@@ -94,10 +82,37 @@ class Trainer(tf.Module):
 
     def evaluate(self, dataset) -> tuple[float, float, int]:
         """(mean loss, accuracy, examples) over a finite dataset."""
-        total, correct, n = 0.0, 0.0, 0
-        for images, labels in dataset:
-            loss_sum, hits = self.evaluate_batch(images, labels)
-            total += float(loss_sum)
-            correct += float(hits)
-            n += int(labels.shape[0])
-        return total / max(n, 1), correct / max(n, 1), n
+        return evaluate(self.evaluate_batch, dataset)
+
+
+def _per_example_loss(labels, logits, smoothing: float):
+    targets = tf.one_hot(labels, tf.shape(logits)[-1])
+    if smoothing:
+        targets = targets * (1 - smoothing) + smoothing / tf.cast(tf.shape(logits)[-1], tf.float32)
+    # log_softmax rather than softmax_cross_entropy_with_logits, which has
+    # no deterministic GPU kernel.
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)
+
+
+def _count_correct(labels, logits):
+    hits = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
+    return tf.reduce_sum(tf.cast(hits, tf.float32))
+
+
+def evaluator(model: keras.Model, jit_compile: bool = False):
+    """`model`'s compiled evaluation step: (images, labels) -> (loss sum, correct)."""
+    def step(images, labels):
+        logits = model(images, training=False)
+        return tf.reduce_sum(_per_example_loss(labels, logits, 0.0)), _count_correct(labels, logits)
+    return tf.function(step, jit_compile=jit_compile, reduce_retracing=True)
+
+
+def evaluate(evaluate_batch, dataset) -> tuple[float, float, int]:
+    """(mean loss, accuracy, examples) of an evaluator over a finite dataset."""
+    total, correct, n = 0.0, 0.0, 0
+    for images, labels in dataset:
+        loss_sum, hits = evaluate_batch(images, labels)
+        total += float(loss_sum)
+        correct += float(hits)
+        n += int(labels.shape[0])
+    return total / max(n, 1), correct / max(n, 1), n

@@ -6,6 +6,7 @@ Fast and TensorFlow-free: nothing here imports more than job.config.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -540,3 +541,26 @@ def test_resume_from_needs_resume_allowed():
 def test_export_weights_best_needs_a_validation_split():
     refused("data.validation_size", "export.weights", sets=["export.weights=best", "data.validation_size=0"])
     assert load_config(None, ["export.weights=best"]).export.weights == "best"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path, platform=False)
+    assert cfg.checkpoint.uri and cfg.export.uri
+
+
+def test_mixed_precision_names_its_16_bit_type():
+    policies = {value: load_config(None, [f"train.mixed_precision={value}"]).train.dtype_policy
+                for value in ("false", "true", "float16", "bfloat16")}
+    assert policies == {"false": "float32", "true": "mixed_float16", "float16": "mixed_float16",
+                        "bfloat16": "mixed_bfloat16"}
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=half"])
+
+
+def test_the_lookahead_fixes_the_epochs_of_a_run():
+    base = load_config(None, ["train.lr_schedule=constant"]).fingerprint()
+    slow = load_config(None, ["train.lr_schedule=constant", "train.lookahead.enabled=true"]).fingerprint()
+    assert "train.epochs" not in base and "train.epochs" in slow
+    assert slow["train.lookahead"]["every_steps"] == 5

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from helpers import small_overrides
 from job.errors import ConfigError, DivergedError
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
+ROOT = Path(__file__).resolve().parents[1]
 PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
 
 
@@ -53,6 +55,41 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, run_job, stop_at):
     # Time to accuracy counts the first attempt's committed time too: it keeps growing across the resume.
     elapsed = [r["elapsed_seconds"] for r in metrics(split)]
     assert all(b > a > 0 for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
+
+
+def recipe(name: str) -> dict:
+    """A shipped config's training choices as --set values (where its data and outputs go left out)."""
+    tree = yaml.safe_load((ROOT / "configs" / name).read_text())
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+    walk(tree, "")
+    return {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train") or k in ("data.augment",
+                                                                                          "data.translate",
+                                                                                          "data.flip")}
+
+
+def test_the_fast_recipe_resumes_bit_identical_between_two_lookahead_updates(tmp_path, run_job):
+    # configs/cifar10-fast.yaml's switches (bfloat16, lookahead, alternating
+    # flips, TTA, its schedule), on a narrow net and small batches; step 17
+    # falls between two lookahead updates, whose slow weights the checkpoint
+    # must carry.
+    fast = {**recipe("cifar10-fast.yaml"), "model.width": 0.25, "train.batch_size": 32, "train.epochs": 2,
+            "train.learning_rate": 0.1, "checkpoint.every_steps": 7}
+    assert fast["train.lookahead.enabled"] and fast["train.lookahead.every_steps"] == 5
+    whole, log = run_job(small_overrides(tmp_path / "whole", **fast))
+    assert "evaluating and exporting in float32 (trained in mixed_bfloat16)" in log
+    split = tmp_path / "split"
+    run_job(small_overrides(split, **fast, **{"train.max_steps": 17}))
+    second, log = run_job(small_overrides(split, **fast))
+    assert "resumed from step 17" in log and second.step == whole.step == 62
+    np.testing.assert_array_equal(outputs(second.model_uri), outputs(whole.model_uri))
+    assert second.test_accuracy == whole.test_accuracy
 
 
 def test_run_leaves_contract_files(tmp_path, run_job):
@@ -165,15 +202,18 @@ def test_early_stopping_restores_the_best_weights(tmp_path, run_job):
     {"train.optimizer": "sgd", "train.nesterov": "true", "train.label_smoothing": 0.1,
      "train.lr_schedule": "exponential"},
     {"train.mixed_precision": "true"},
+    {"train.mixed_precision": "bfloat16", "model.tta": "flip_translate"},
     {"train.jit_compile": "true", "train.deterministic": "false", "train.steps_per_loop": 4},
     {"train.lr_schedule": "reduce_on_plateau", "data.validation_size": 100},
-], ids=["resnet", "airbench", "adamw-onecycle", "sgd-nesterov-smoothing", "mixed-precision", "xla", "plateau"])
+], ids=["resnet", "airbench", "adamw-onecycle", "sgd-nesterov-smoothing", "mixed-precision", "bfloat16-tta", "xla",
+        "plateau"])
 def test_every_recipe_switch_trains(tmp_path, run_job, extra):
     result, log = run_job(small_overrides(tmp_path, **{"train.max_steps": 8, **extra}))
     assert result.step == 8
-    # This suite runs on CPU-only hosts, where float16 is slow enough to warn about.
+    # This suite runs on CPU-only hosts, where float16 (not bfloat16) is slow enough to warn about.
     warned = "warning: train.mixed_precision is on but this host has no GPU" in log
-    assert warned == ("train.mixed_precision" in extra)
+    assert warned == (extra.get("train.mixed_precision") == "true")
+    assert ("evaluating and exporting in float32" in log) == ("train.mixed_precision" in extra)
     probs = outputs(result.model_uri)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
 
