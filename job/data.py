@@ -85,8 +85,16 @@ class TrainStream:
 def _maybe_prefetch(ds: tf.data.Dataset) -> tf.data.Dataset:
     # Prefetching overlaps input work with an accelerator's compute. On a
     # CPU-only host there is nothing to overlap with: its threads only take
-    # cores from the training step (measured in docs/benchmarks.md).
-    return ds.prefetch(tf.data.AUTOTUNE) if tf.config.list_physical_devices("GPU") else ds
+    # cores from the training step (measured in docs/benchmarks.md). So is
+    # tf.data's autotuning, with the prefetch it injects by itself: there,
+    # an epoch's iterator took 10-45 s to delete in about one epoch in three
+    # (docs/benchmarks.md, "Time to accuracy").
+    if tf.config.list_physical_devices("GPU"):
+        return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.inject_prefetch = False
+    return ds.with_options(options)
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tf.data.Dataset:
