@@ -28,8 +28,28 @@ from pathlib import Path
 
 import yaml
 
-from job import sources
+from job import model, sources
 from job.config import load_config
+
+TTA_PASSES = {"none": 1, "flip": 2, "flip_translate": 6}
+
+
+def forward_mflops(name: str, width: float) -> float:
+    """Millions of floating-point operations (a multiply-add is two) of one
+    image's forward pass through the convolutions and dense layers, which
+    are nearly all of it; a training step costs about three times this."""
+    import numpy as np
+
+    net = model.build(name, width=width)  # airbench without a sample: a zero whitening kernel, same shape
+    flops = 0
+    for layer in net.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        # Every output value takes one multiply-add per kernel weight feeding it.
+        per_output = int(np.prod(kernel.shape[:-1]))
+        flops += 2 * per_output * int(np.prod(layer.output.shape[1:]))
+    return flops / 1e6
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,11 +76,17 @@ def run(recipe: str, data_uri: str, epochs: int | None) -> dict:
             sys.exit(f"{recipe}: exit {done.returncode}\n{done.stderr[-3000:]}")
         rows = [json.loads(line) for line in Path(f"{tmp}/ckpt/metrics.jsonl").read_text().splitlines()]
         card = json.loads(next(Path(f"{tmp}/export").glob("*/1/assets.extra/model_card.json")).read_text())
+    net = card["config"]["model"]
+    mflops = forward_mflops(net["name"], net["width"])
     return {
         "recipe": recipe, "data": data_uri if real else "synthetic (built in)",
         "epochs": f"{len(rows)} of {file.get('train', {}).get('epochs', 10)}" if epochs else str(len(rows)),
         "test_accuracy": round(card["test_accuracy"], 4), "wall_s": round(wall, 1),
         "train_s": round(rows[-1]["elapsed_seconds"], 1),
+        # Of the exported model: test-time augmentation runs the network that many times.
+        "inference_mflops": round(mflops * TTA_PASSES[net.get("tta", "none")], 1),
+        "train_mflops_per_image": round(3 * mflops, 1),
+        "curve": [(r["elapsed_seconds"], r["val_accuracy"]) for r in rows],
         "images_per_second": round(statistics.mean(r["images_per_second"] for r in rows)),
         "command": "cifar-job train --config configs/{}.yaml{}".format(
             recipe, "".join(f" --set {k}={v}" for k, v in sets.items() if not k.startswith(("checkpoint", "export")))),
@@ -79,13 +105,15 @@ def main() -> None:
     limits = {name: int(n) for name, n in (e.split("=") for e in args.epochs)}
     recipes = args.recipes or sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
     results = []
-    print("| recipe | data | epochs | test accuracy | wall s | train s | images/s |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| recipe | data | epochs | test accuracy | wall s | train s | images/s | train MFLOP/image "
+          "| inference MFLOP/image |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for recipe in recipes:
         row = run(recipe, args.data_uri, limits.get(recipe))
         results.append(row)
         print(f"| {row['recipe']} | {row['data']} | {row['epochs']} | {row['test_accuracy']:.4f} | {row['wall_s']} "
-              f"| {row['train_s']} | {row['images_per_second']:,} |", flush=True)
+              f"| {row['train_s']} | {row['images_per_second']:,} | {row['train_mflops_per_image']:,} "
+              f"| {row['inference_mflops']:,} |", flush=True)
     for row in results:
         print(json.dumps(row))
     if args.out:

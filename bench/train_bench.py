@@ -118,6 +118,34 @@ def cli_run(train_size: int, steps_per_loop: int) -> float:
         return json.loads(lines[-1])["images_per_second"]
 
 
+def measure(loops: dict, repeats: int, self_timed: dict | None = None) -> tuple[dict, dict]:
+    """Each loop's images/s and CPU µs/image over `repeats` timed epochs,
+    after one untimed epoch each (the first call traces and compiles).
+    `self_timed` rows are functions returning their own images/s."""
+    self_timed = self_timed or {}
+    for epoch in loops.values():
+        epoch(0)
+    names = [*loops, *self_timed]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(1, repeats + 1):
+        # Interleaved, so whatever else the machine does lands on every loop
+        # alike, and rotated (A B C, B C A, ...) so no loop always follows
+        # the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()  # the previous loop's garbage is not this one's time
+            if name in self_timed:
+                rates[name].append(self_timed[name]())
+                continue
+            # CPU time (all threads) too: it hardly moves when other processes
+            # compete for the cores, where wall-clock rates can halve.
+            wall, busy = time.perf_counter(), time.process_time()
+            images = loops[name](r)
+            rates[name].append(images / (time.perf_counter() - wall))
+            cpu[name].append((time.process_time() - busy) / images * 1e6)
+    return rates, cpu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2,000 examples, 1 repeat: a smoke test, not a measurement")
@@ -140,30 +168,10 @@ def main() -> None:
     loops["seeds"] = seeds_loop(splits)
     loops["keras fit"] = fit_loop(splits)
 
-    # One untimed epoch each: the first call traces and compiles.
-    for epoch in loops.values():
-        epoch(0)
     cli_name = f"job CLI end-to-end (metrics.jsonl, steps_per_loop={spl})"
-    names = [*loops, cli_name]
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in loops}
-    for r in range(1, repeats + 1):
-        # Interleaved, so whatever else the machine does lands on every loop
-        # alike, and rotated (A B C, B C A, ...) so no loop always follows
-        # the same one.
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            gc.collect()  # the previous loop's garbage is not this one's time
-            if name == cli_name:
-                # A fresh run per repeat, since one run() cannot be
-                # interleaved; it times itself (its compiled calls only).
-                rates[name].append(cli_run(size, spl))
-                continue
-            # CPU time (all threads) too: it hardly moves when other processes
-            # compete for the cores, where wall-clock rates can halve.
-            wall, busy = time.perf_counter(), time.process_time()
-            images = loops[name](r)
-            rates[name].append(images / (time.perf_counter() - wall))
-            cpu[name].append((time.process_time() - busy) / images * 1e6)
+    # A fresh run per repeat, since one run() cannot be interleaved; it
+    # times itself (its compiled calls only).
+    rates, cpu = measure(loops, repeats, {cli_name: lambda: cli_run(size, spl)})
 
     seeds = statistics.median(rates["seeds"])
     rows = [{"loop": name, "images_per_second": statistics.median(v), "runs": [round(x, 1) for x in v],
