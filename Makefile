@@ -17,15 +17,20 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) scripts/demo.py
 
+# Two pytest workers, a test file each at a time (module fixtures, such as the
+# two-worker cluster, are built once): much of the suite waits on subprocesses,
+# servers and S3, so two workers finish well before one on two cores.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Leaves out the tests marked slow (end-to-end training, a real cifar-serve): under a minute on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/train_bench.py
+	$(PY) bench/fast_bench.py
 	$(PY) bench/checkpoint_bench.py
 	$(PY) bench/distribute_bench.py
 	$(PY) bench/serve_bench.py

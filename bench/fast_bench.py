@@ -3,7 +3,10 @@ job's loop against a minimal hand-written TensorFlow loop and Keras `fit`,
 all three training the same network, at the same precision and batch size,
 on the same augmented batches, in this one process. Usage:
 
-    .venv/bin/python bench/fast_bench.py [--quick] [--repeats R] [--steps N] [--out FILE]
+    .venv/bin/python bench/fast_bench.py [--quick] [--repeats R] [--steps N] [--set KEY=VALUE ...] [--out FILE]
+
+`--set` changes the recipe for every loop alike (train.mixed_precision=false
+to time float32), as `cifar-job train --set` would.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from train_bench import measure
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cifar10-fast.yaml"
 
 
-def recipe(train_images: int) -> config.Config:
+def recipe(train_images: int, changes: list[str]) -> config.Config:
     # Synthetic CIFAR-shaped images: what a step costs does not depend on what the pixels show.
     return config.load_config(RECIPE, ["data.source=synthetic", "data.validation_size=0",
-                                       f"data.synthetic.train_size={train_images}", "data.synthetic.test_size=100"],
-                              platform=False)
+                                       f"data.synthetic.train_size={train_images}", "data.synthetic.test_size=100",
+                                       *changes], platform=False)
 
 
 def job_loop(splits: sources.Splits, cfg: config.Config):
@@ -113,11 +116,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 steps an epoch, 1 repeat: a smoke test")
     ap.add_argument("--repeats", type=int, help="timed epochs per loop (default 3, --quick 1)")
     ap.add_argument("--steps", type=int, help="steps per epoch (default 10, --quick 2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the recipe")
     ap.add_argument("--out", help="also write the results here as JSON")
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (2 if args.quick else 10)
-    cfg = recipe(steps * config.load_config(RECIPE, platform=False).train.batch_size)
+    cfg = recipe(steps * config.load_config(RECIPE, args.set, platform=False).train.batch_size, args.set)
     splits = sources.load(cfg)
     loops = {"job (train.build + train.chunks)": job_loop(splits, cfg), "minimal tf.function loop":
              minimal_loop(splits, cfg), "keras fit": fit_loop(splits, cfg)}
@@ -126,8 +130,10 @@ def main() -> None:
     rows = [{"loop": name, "images_per_second": statistics.median(v), "runs": [round(x, 1) for x in v],
              "cpu_us_per_image": statistics.median(cpu[name]), "vs_best": statistics.median(v) / best}
             for name, v in rates.items()]
-    print(f"configs/cifar10-fast.yaml: {cfg.model.name} width {cfg.model.width}, {cfg.train.dtype_policy}, batch "
-          f"{cfg.train.batch_size}, {steps} steps an epoch; median of {repeats} timed epoch(s) after one untimed\n")
+    changed = "".join(f" --set {c}" for c in args.set)
+    print(f"configs/cifar10-fast.yaml{changed}: {cfg.model.name} width {cfg.model.width}, "
+          f"{cfg.train.dtype_policy}, batch {cfg.train.batch_size}, {steps} steps an epoch; "
+          f"median of {repeats} timed epoch(s) after one untimed\n")
     print("| loop | images/s (median) | per repeat | CPU µs/image | vs best |")
     print("|---|---:|---|---:|---:|")
     for row in rows:
