@@ -26,8 +26,11 @@ def demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, value in {**SMALL, "CIFAR_DATA__CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(name, value)
-    # The fallback sets it in the environment its commands inherit; undone after each test.
-    monkeypatch.delenv("CIFAR_DATA__SOURCE", raising=False)
+    # The fallback sets it in the environment its commands inherit. setenv first, so that monkeypatch
+    # records it as absent and removes it after the test (delenv of an absent name records nothing,
+    # and the fallback's value leaked into later tests of the same pytest worker).
+    monkeypatch.setenv("CIFAR_DATA__SOURCE", "")
+    monkeypatch.delenv("CIFAR_DATA__SOURCE")
     # Where the canonical archive would come from: a port nobody listens on, as offline.
     monkeypatch.setattr("job.cifar10.CANONICAL_URL", f"http://127.0.0.1:{free_port()}/cifar-10-binary.tar.gz")
 
