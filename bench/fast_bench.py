@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from job import config, data, model, optim, sources, train
-from train_bench import measure
+from train_bench import job_loop, measure
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cifar10-fast.yaml"
 
@@ -38,20 +38,6 @@ def recipe(train_images: int, changes: list[str]) -> config.Config:
     return config.load_config(RECIPE, ["data.source=synthetic", "data.validation_size=0",
                                        f"data.synthetic.train_size={train_images}", "data.synthetic.test_size=100",
                                        *changes], platform=False)
-
-
-def job_loop(splits: sources.Splits, cfg: config.Config):
-    """The job's parts and compiled calls (train.build, train.chunks), with
-    its determinism setting, lookahead and input pipeline."""
-    train.configure_determinism(cfg)
-    parts = train.build(cfg, splits)
-    spe = parts.stream.steps_per_epoch
-
-    def epoch(e: int) -> int:
-        parts.trainer.reset_sums()
-        return sum(chunk.steps for chunk in train.chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
-
-    return epoch
 
 
 def _network(splits: sources.Splits, cfg: config.Config):
@@ -123,6 +109,8 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else 10)
     cfg = recipe(steps * config.load_config(RECIPE, args.set, platform=False).train.batch_size, args.set)
     splits = sources.load(cfg)
+    # Process-wide, so all three loops run under the job's determinism setting.
+    train.configure_determinism(cfg)
     loops = {"job (train.build + train.chunks)": job_loop(splits, cfg), "minimal tf.function loop":
              minimal_loop(splits, cfg), "keras fit": fit_loop(splits, cfg)}
     rates, cpu = measure(loops, repeats)

@@ -54,7 +54,7 @@ def job_loop(splits: sources.Splits, cfg: config.Config):
 
     def epoch(e: int) -> int:
         parts.trainer.reset_sums()
-        return sum(chunk.steps for chunk in train.chunks(cfg, parts, e, 0, (e + 1) * spe)) * BATCH
+        return sum(chunk.steps for chunk in train.chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
 
     return epoch
 

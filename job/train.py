@@ -485,11 +485,12 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
     train_seconds = float(parts.progress.elapsed.numpy())
     store.flush()
     weights_step = _weights_to_export(cfg, console, store, parts, checkpointer.record)
-    served = parts.model
+    served, evaluate_batch = parts.model, parts.trainer.evaluate_batch
     if cfg.train.dtype_policy != "float32":
         served = model.float32_twin(parts.model, cfg.model.name, cfg.model.width, cfg.model.tta)
+        evaluate_batch = evaluator(served, cfg.train.jit_compile)
         console.info(f"evaluating and exporting in float32 (trained in {cfg.train.dtype_policy})")
-    test_loss, test_acc, n_test = evaluate(evaluator(served), data.eval_batches(splits.x_test, splits.y_test))
+    test_loss, test_acc, n_test = evaluate(evaluate_batch, data.eval_batches(splits.x_test, splits.y_test))
     console.info(f"test: accuracy {test_acc:.4f}, loss {test_loss:.4f} on {n_test} examples")
     card = {
         "model": cfg.model.name,

@@ -72,7 +72,6 @@ class Trainer(tf.Module):
                 self.lookahead.after_step(self.optimizer.iterations)
         return loss
 
-
     def reset_sums(self) -> None:
         self.sums.assign(tf.zeros(3))
 
