@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 NUM_CLASSES = 10
@@ -188,26 +189,84 @@ class PartialIdentity(keras.initializers.Initializer):
         return w * keep + eye
 
 
-class FastBias(layers.Layer):
-    """A per-channel bias that learns `rate` times faster than other weights
-    under SGD: airbench's BatchNorm biases take 64 times the learning rate
-    (its `bias_scaler`) but the same weight decay. Stored as b / sqrt(rate)
-    and multiplied back, which under SGD with momentum is exactly a
-    `rate`-fold learning rate for b, and under decoupled weight decay the
-    same decay; so the optimizer needs no per-variable learning rates."""
+class ShiftNorm(layers.Layer):
+    """airbench's BatchNorm: no scale, and a shift that learns `rate` times
+    faster than other weights under SGD (its `bias_scaler`) at the same
+    weight decay. The shift is stored as b / sqrt(rate) and multiplied back,
+    which under SGD with momentum is exactly a `rate`-fold learning rate for
+    b, and under decoupled weight decay the same decay; so the optimizer
+    needs no per-variable learning rates. Running statistics keep `momentum`
+    of themselves each step (PyTorch's 1 - momentum).
 
-    def __init__(self, rate: float = 64.0, **kwargs):
+    One fused kernel (oneDNN's on a CPU) normalises and shifts, forward and
+    backward: Keras' BatchNormalization plus a separate bias cost the fast
+    recipe's step 30 % more (docs/benchmarks.md)."""
+
+    def __init__(self, rate: float = 64.0, momentum: float = 0.6, epsilon: float = 1.001e-5, **kwargs):
         super().__init__(**kwargs)
-        self.rate = rate
+        self.rate, self.momentum, self.epsilon = rate, momentum, epsilon
 
     def build(self, input_shape):
-        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+        channels = (input_shape[-1],)
+        # float32 whatever the compute dtype: the fused kernel takes its
+        # statistics and shift in float32, as Keras' BatchNormalization keeps them.
+        self.bias = self.add_weight(shape=channels, initializer="zeros", name="bias", autocast=False)
+        self.moving_mean = self.add_weight(shape=channels, initializer="zeros", trainable=False,
+                                           name="moving_mean", autocast=False)
+        self.moving_variance = self.add_weight(shape=channels, initializer="ones", trainable=False,
+                                               name="moving_variance", autocast=False)
 
-    def call(self, x):
-        return x + keras.ops.cast(self.bias * self.rate ** 0.5, x.dtype)
+    def call(self, x, training=False):
+        training = bool(training)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, tf.ones_like(self.moving_mean), self.bias * self.rate ** 0.5, self.moving_mean,
+            self.moving_variance, epsilon=self.epsilon, is_training=training,
+            exponential_avg_factor=1 - self.momentum if training else 1.0)
+        if training:
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate}
+        return {**super().get_config(), "rate": self.rate, "momentum": self.momentum, "epsilon": self.epsilon}
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@tf.function(jit_compile=True)
+def _gelu_forward(x):
+    return x * tf.cast(0.5 * tf.math.erfc(-tf.cast(x, tf.float32) * _SQRT_HALF), x.dtype)
+
+
+@tf.function(jit_compile=True)
+def _gelu_backward(x, dy):
+    x32 = tf.cast(x, tf.float32)
+    slope = 0.5 * tf.math.erfc(-x32 * _SQRT_HALF) + x32 * tf.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+    return tf.cast(tf.cast(dy, tf.float32) * slope, x.dtype)
+
+
+@tf.custom_gradient
+def _fused_gelu(x):
+    return _gelu_forward(x), lambda dy: _gelu_backward(x, dy)
+
+
+class GELU(layers.Layer):
+    """The exact GELU. In training its forward and its backward pass are one
+    XLA-fused kernel each: TensorFlow's own is a chain of elementwise ops,
+    each a pass over memory, and they took a third of the fast recipe's step
+    on a CPU (docs/benchmarks.md). Inference is tf.nn.gelu, so an exported
+    model needs no XLA where it is served."""
+
+    def call(self, x, training=False):
+        return _fused_gelu(x) if training else tf.nn.gelu(x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Model:
@@ -220,7 +279,7 @@ def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Mode
     x = layers.Rescaling(1.0 / 255)(images)
     kernel, bias = whitening_weights(sample) if sample is not None else (np.zeros((2, 2, 3, 24), np.float32),
                                                                           np.zeros(24, np.float32))
-    x = layers.Activation("gelu")(Whitening(kernel, bias, name="whiten")(x))
+    x = GELU()(Whitening(kernel, bias, name="whiten")(x))
     for block, channels in enumerate((64, 256, 256), start=1):
         channels = _scaled(channels, width)
         for conv in (1, 2):
@@ -228,9 +287,7 @@ def airbench(width: float = 1.0, sample: np.ndarray | None = None) -> keras.Mode
                               name=f"block{block}_conv{conv}")(x)
             if conv == 1:
                 x = layers.MaxPooling2D()(x)
-            # momentum 0.6 is PyTorch's 0.4; the scale is fixed at 1, as in airbench.
-            x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, center=False, scale=False)(x)
-            x = layers.Activation("gelu")(FastBias()(x))
+            x = GELU()(ShiftNorm()(x))
     x = layers.GlobalMaxPooling2D()(x)
     # PyTorch's default Linear initialisation, as airbench has it: uniform within 1/sqrt(fan_in).
     head_init = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")

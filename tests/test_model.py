@@ -69,21 +69,43 @@ def test_flip_translate_tta_averages_six_views_and_training_sees_the_network_alo
     np.testing.assert_array_equal(net(x, training=True), net.net(x, training=True))
 
 
-def test_a_fast_bias_moves_64_times_as_far_under_sgd_and_decays_alike():
+def test_shift_norm_normalises_as_keras_batch_norm_and_its_shift_moves_64_times_as_far():
     import keras
     import tensorflow as tf
 
-    bias = model.FastBias()
-    bias.build((None, 3))
-    zeros = tf.zeros((1, 3))
+    x = tf.random.stateless_normal((8, 8, 8, 3), seed=(1, 2)) * 3 + 5
+    fused, keras_bn = model.ShiftNorm(), keras.layers.BatchNormalization(momentum=0.6, epsilon=1.001e-5, center=False,
+                                                                          scale=False)
+    for _ in range(3):
+        np.testing.assert_allclose(fused(x, training=True), keras_bn(x, training=True), atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean, keras_bn.moving_mean, rtol=1e-5)
+    # The fused kernel keeps the unbiased variance (n / (n - 1), n = 512 here), as PyTorch does.
+    np.testing.assert_allclose(fused.moving_variance, keras_bn.moving_variance, rtol=3e-3)
+    np.testing.assert_allclose(fused(x, training=False), keras_bn(x, training=False), rtol=3e-3, atol=3e-3)
+
     with tf.GradientTape() as tape:
-        total = tf.reduce_sum(bias(zeros))
-    opt = keras.optimizers.SGD(0.01)
-    opt.apply(tape.gradient(total, bias.trainable_variables), bias.trainable_variables)
-    np.testing.assert_allclose(bias(zeros), [[-0.64] * 3], rtol=1e-5)  # a plain bias: -0.01
-    decaying = keras.optimizers.SGD(0.01, weight_decay=0.5)
-    decaying.apply([tf.zeros(3)], bias.trainable_variables)
-    np.testing.assert_allclose(bias(zeros), [[-0.64 * (1 - 0.01 * 0.5)] * 3], rtol=1e-5)
+        total = tf.reduce_sum(fused(x, training=True))
+    shift = 8 * 8 * 8  # d(total)/d(shift): each channel's shift adds to 512 outputs
+    keras.optimizers.SGD(0.01).apply(tape.gradient(total, [fused.bias]), [fused.bias])
+    np.testing.assert_allclose(fused.bias * 8, [-0.64 * shift] * 3, rtol=1e-5)  # a plain bias: -0.01 * 512
+    before = fused.bias.numpy()
+    keras.optimizers.SGD(0.01, weight_decay=0.5).apply([tf.zeros(3)], [fused.bias])
+    np.testing.assert_allclose(fused.bias, before * (1 - 0.01 * 0.5), rtol=1e-6)
+
+
+def test_the_fused_gelu_trains_as_tensorflows_exact_gelu():
+    import tensorflow as tf
+
+    x = tf.random.stateless_normal((4, 5, 5, 8), seed=(3, 4)) * 3
+    gelu = model.GELU()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        fused, reference = gelu(x, training=True), tf.nn.gelu(x)
+        weights = tf.random.stateless_normal(x.shape, seed=(5, 6))
+        fused_loss, reference_loss = tf.reduce_sum(fused * weights), tf.reduce_sum(reference * weights)
+    np.testing.assert_allclose(fused, reference, atol=1e-6)
+    np.testing.assert_array_equal(gelu(x, training=False), reference)
+    np.testing.assert_allclose(tape.gradient(fused_loss, x), tape.gradient(reference_loss, x), atol=1e-5)
 
 
 def test_the_float32_twin_holds_the_mixed_precision_weights_and_computes_in_float32(real_images):
