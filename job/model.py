@@ -11,6 +11,13 @@ from keras import layers
 
 NUM_CLASSES = 10
 
+# Bumped when a network's variables change, so that a checkpoint of an
+# earlier revision is refused with a message instead of failing inside
+# TensorFlow's restore. Checkpoints written before revisions were recorded
+# count as revision 1. airbench 2: BatchNorm and its fast shift became
+# ShiftNorm (other variables).
+REVISIONS = {"simple_cnn": 1, "resnet": 1, "airbench": 2}
+
 
 def build(name: str, policy: str = "float32", width: float = 1.0, sample: np.ndarray | None = None,
           seed: int | None = None, tta: str = "none") -> keras.Model:

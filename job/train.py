@@ -337,7 +337,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, store: CheckpointStore, parts: Parts, latest: dict | None, data_checksum: str,
                  is_chief: bool = True, lease: Lease | None = None):
         self.cfg, self.store, self.parts, self.is_chief, self.lease = cfg, store, parts, is_chief, lease
-        self.record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": data_checksum}
+        self.record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": data_checksum,
+                       "network_revision": model.REVISIONS[cfg.model.name]}
         self._started, self._before = time.perf_counter(), float(parts.progress.elapsed.numpy())
         self._last_commit = time.monotonic()
 
@@ -558,7 +559,16 @@ def _check_data(cfg: Config, latest: dict, current: str, where: str) -> None:
             f"something else here. Use another checkpoint.uri, or checkpoint.resume=never to start over.")
 
 
+def _check_revision(cfg: Config, record: dict, where: str, field: str, remedy: str) -> None:
+    stored, current = record.get("network_revision", 1), model.REVISIONS[cfg.model.name]
+    if record.get("fingerprint", {}).get("model.name", cfg.model.name) == cfg.model.name and stored != current:
+        raise ConfigError(f"{field}: the checkpoint at {where} holds {cfg.model.name} revision {stored}, and this "
+                          f"version of the job builds revision {current}, with other variables. {remedy}")
+
+
 def _check_fingerprint(cfg: Config, latest: dict, where: str) -> None:
+    _check_revision(cfg, latest, where, "checkpoint.uri", "Finish that run with the job version that started it, "
+                    "or start over with another checkpoint.uri or checkpoint.resume=never.")
     stored = latest.get("fingerprint", {})
     current = cfg.fingerprint()
     changed = [k for k in current if k in stored and stored[k] != current[k]]
@@ -582,6 +592,8 @@ def _check_architecture(cfg: Config, record: dict, where: str) -> None:
         if stored.get(key, value) != value:
             raise ConfigError(f"model.init_from: the weights at {where} are of another network ({key} "
                               f"{stored[key]!r}, this run {value!r}); set {key} to match or drop model.init_from")
+    _check_revision(cfg, record, where, "model.init_from", "Drop model.init_from, or warm-start from a checkpoint "
+                    "of this version.")
 
 
 def _checkpoint_at(uri: str, field: str, store: CheckpointStore) -> tuple[CheckpointStore, dict]:

@@ -148,6 +148,20 @@ def test_resume_with_a_changed_model_is_refused(tmp_path, run_job):
         run_job(small_overrides(tmp_path, **{"train.batch_size": 16}))
 
 
+def test_a_checkpoint_of_an_earlier_network_revision_is_refused_by_name(tmp_path, run_job, monkeypatch):
+    from job import model
+
+    run_job(small_overrides(tmp_path, **{"train.max_steps": 3}))
+    assert latest(tmp_path)["network_revision"] == model.REVISIONS["simple_cnn"] == 1
+    # What a job release that changes simple_cnn's variables would do.
+    monkeypatch.setitem(model.REVISIONS, "simple_cnn", 2)
+    with pytest.raises(ConfigError, match=r"checkpoint\.uri: .* simple_cnn revision 1, .* builds revision 2"):
+        run_job(small_overrides(tmp_path, **{"train.max_steps": 6}))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match=r"model\.init_from: .* simple_cnn revision 1, .* builds revision 2"):
+        run_job(small_overrides(fresh, **{"model.init_from": str(tmp_path / "ckpt")}))
+
+
 def test_resume_policies(tmp_path, run_job):
     with pytest.raises(ConfigError, match="required"):
         run_job(small_overrides(tmp_path, **{"checkpoint.resume": "required"}))
