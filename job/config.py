@@ -220,9 +220,9 @@ class Train(Section):
                                                  "`train.deterministic: false`.")
     deterministic: bool = Field(True, description="Deterministic kernels: a run stopped and resumed ends "
                                                   "exactly where an uninterrupted one does, and reruns repeat. "
-                                                  "Measured in float32; with `mixed_precision: bfloat16` on a "
-                                                  "CPU, two runs of the fast recipe in separate processes "
-                                                  "differed, so there it holds within one process only.")
+                                                  "Measured in float32, and in bfloat16 on a CPU for the fast "
+                                                  "recipe's first two epochs (before its BatchNorm was fused, "
+                                                  "two bfloat16 runs in separate processes differed).")
     log_every_steps: int = Field(50, ge=1, description="Steps between progress lines (and TensorBoard "
                                                        "scalars); each epoch's end prints one too.")
 
