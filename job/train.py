@@ -560,15 +560,14 @@ def _check_data(cfg: Config, latest: dict, current: str, where: str) -> None:
 
 
 def _check_revision(cfg: Config, record: dict, where: str, field: str, remedy: str) -> None:
+    """After the checks that the record is of cfg.model.name's network at all."""
     stored, current = record.get("network_revision", 1), model.REVISIONS[cfg.model.name]
-    if record.get("fingerprint", {}).get("model.name", cfg.model.name) == cfg.model.name and stored != current:
+    if stored != current:
         raise ConfigError(f"{field}: the checkpoint at {where} holds {cfg.model.name} revision {stored}, and this "
                           f"version of the job builds revision {current}, with other variables. {remedy}")
 
 
 def _check_fingerprint(cfg: Config, latest: dict, where: str) -> None:
-    _check_revision(cfg, latest, where, "checkpoint.uri", "Finish that run with the job version that started it, "
-                    "or start over with another checkpoint.uri or checkpoint.resume=never.")
     stored = latest.get("fingerprint", {})
     current = cfg.fingerprint()
     changed = [k for k in current if k in stored and stored[k] != current[k]]
@@ -584,6 +583,8 @@ def _check_fingerprint(cfg: Config, latest: dict, where: str) -> None:
             f"the checkpoint at {where} was made with a different config ({details}); "
             f"its state would mean something else here. Use another checkpoint.uri, or "
             f"checkpoint.resume=never to start over.{horizon}")
+    _check_revision(cfg, latest, where, "checkpoint.uri", "Finish that run with the job version that started it, "
+                    "or start over with another checkpoint.uri or checkpoint.resume=never.")
 
 
 def _check_architecture(cfg: Config, record: dict, where: str) -> None:
