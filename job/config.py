@@ -221,8 +221,9 @@ class Train(Section):
     deterministic: bool = Field(True, description="Deterministic kernels: a run stopped and resumed ends "
                                                   "exactly where an uninterrupted one does, and reruns repeat. "
                                                   "Measured in float32, and in bfloat16 on a CPU for the fast "
-                                                  "recipe's first two epochs (before its BatchNorm was fused, "
-                                                  "two bfloat16 runs in separate processes differed).")
+                                                  "recipe: two whole runs in separate processes gave the same "
+                                                  "figures at every epoch (before its BatchNorm was fused, two "
+                                                  "bfloat16 runs differed). Not measured on a GPU.")
     log_every_steps: int = Field(50, ge=1, description="Steps between progress lines (and TensorBoard "
                                                        "scalars); each epoch's end prints one too.")
 
