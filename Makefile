@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench soak lint clean
+.PHONY: demo test test-fast bench soak lint clean images compose-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 # from bench, it is long and wants a quiet machine. SOAK_ARGS="--minutes 1 ..." for a try.
 soak: $(STAMP)
 	$(PY) bench/soak.py $(SOAK_ARGS)
+
+# Both images, as users get them (a stand-in base from Debian's packages where
+# the official Python image cannot be pulled): scripts/images.sh.
+images:
+	bash scripts/images.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common job serve tests bench scripts
