@@ -25,7 +25,7 @@ import yaml
 from helpers import ServeProcess, free_port
 from test_containers import compose_config
 from test_fetch_data import REAL_SMALL
-from test_serve_tfserving import FakeTFServing, start_server
+from tfserving_standin import FakeTFServing, start_server
 
 pytestmark = pytest.mark.slow  # each test trains and starts cifar-serve
 

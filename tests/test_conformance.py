@@ -18,7 +18,7 @@ from helpers import free_port, url_ready, wait_until
 from serve.app import create_app
 from serve.cli import main
 from serve.settings import Settings
-from test_serve_tfserving import FakeTFServing, start_server
+from tfserving_standin import FakeTFServing, start_server
 
 PIXELS = np.random.default_rng(5).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
 KEY = "conformance-key"

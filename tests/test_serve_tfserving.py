@@ -15,97 +15,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
 from helpers import wait_until
+from tfserving_standin import AVAILABLE, LOADING, FakeTFServing, start_server
 from serve.app import create_app
 from serve.batching import request_ids
 from serve.settings import Settings
 
 PIXELS = np.random.default_rng(7).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_model_status_pb2.ModelVersionStatus.LOADING
-
-
-class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
-    """TF Serving's two services, with knobs: which versions are AVAILABLE, and how Predict fails;
-    `.request_ids` records each call's `x-request-id` metadata, as (method, [ids])."""
-
-    def __init__(self, uri):
-        self.signatures = tf.saved_model.load(uri).signatures
-        saved = saved_model_pb2.SavedModel.FromString((Path(uri) / "saved_model.pb").read_bytes())
-        self.signature_defs = saved.meta_graphs[0].signature_def
-        self.reset()
-
-    def reset(self, versions=None):
-        self.versions = {1: AVAILABLE} if versions is None else versions
-        self.fail: grpc.StatusCode | None = None
-        self.delay = 0.0
-        self.float_val = False  # answer in float_val instead of tensor_content
-        self.padding = 0  # bytes of an extra output, to make the answer large
-        self.release = threading.Event()  # ends a delay early, so teardown never waits on it
-        self.request_ids: list[tuple[str, list[str]]] = []
-
-    def record(self, method, context):
-        self.request_ids.append((method, [v for k, v in context.invocation_metadata() if k == "x-request-id"]))
-
-    def Predict(self, request, context):
-        self.record("Predict", context)
-        if self.delay:
-            self.release.wait(self.delay)
-        if self.fail:
-            context.abort(self.fail, f"fake says {self.fail.name}\n  at some/internal/frame.cc:12")
-        # Our hand-built TensorProtos must be valid TF.
-        inputs = {name: tf.constant(tf.make_ndarray(tensor)) for name, tensor in request.inputs.items()}
-        outputs = self.signatures[request.model_spec.signature_name](**inputs)
-        probabilities = outputs["probabilities"].numpy()
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.signature_name = request.model_spec.signature_name
-        response.model_spec.version.value = max(v for v, s in self.versions.items() if s == AVAILABLE)
-        for name, value in outputs.items():  # every output of the signature, as TF Serving answers
-            response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
-        out = response.outputs["probabilities"]
-        if self.float_val:
-            out.Clear()
-            out.dtype = tf.float32.as_datatype_enum
-            out.tensor_shape.dim.add(size=probabilities.shape[0])
-            out.tensor_shape.dim.add(size=probabilities.shape[1])
-            out.float_val.extend(probabilities.reshape(-1).tolist())
-        if self.padding:
-            response.outputs["padding"].CopyFrom(tf.make_tensor_proto(np.zeros(self.padding, np.uint8)))
-        return response
-
-    def GetModelMetadata(self, request, context):
-        self.record("GetModelMetadata", context)
-        answer = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=request.model_spec)
-        answer.metadata["signature_def"].Pack(get_model_metadata_pb2.SignatureDefMap(
-            signature_def=self.signature_defs))
-        return answer
-
-    def GetModelStatus(self, request, context):
-        self.record("GetModelStatus", context)
-        if request.model_spec.name != "cifar10":
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request.model_spec.name}")
-        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
-            get_model_status_pb2.ModelVersionStatus(version=v, state=s) for v, s in sorted(self.versions.items())])
-
-
-def start_server(fake) -> tuple[grpc.Server, int]:
-    # TF Serving itself accepts messages of any size (SetMaxMessageSize(INT_MAX)), so the fake does too.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
-        ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(fake, server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 @pytest.fixture(scope="session")
