@@ -36,14 +36,18 @@ class InProcess:
         self.settings = settings
         self.rollout = rollout.Rollout(settings.state_dir)
         self.held: dict[int, Loaded] = {}
-        self.last_error: str | None = None
-        # Why nothing is served yet, for /readyz: a pinned version not there yet, refused versions.
-        self.waiting_for: str | None = None
-        # Set once this worker holds the active version, or none is active yet: until then
-        # it takes no connections (serve/workers.py), so it never answers 503 while it loads.
+        self.found: list[int] = []
+        # Why a version (None: the model store itself) is not served, while that lasts: /readyz's reason.
+        self.problems: dict[int | None, str] = {}
+        # Set once this worker holds the active version, or has tried and cannot, or none is
+        # active yet: until then it takes no connections (serve/workers.py), so it does not
+        # answer 503 while it loads what the others answer with, nor hang on a store it cannot read.
         self.joined = threading.Event()
         # version -> models.fingerprint of the files refused: refused (and logged) once, not at every poll.
         self._refused: dict[int, str] = {}
+        # version (None: the store) -> the cause it failed with, so that a failure tried again at every
+        # poll is logged when it starts or changes, not each time.
+        self._failing: dict[int | None, tuple] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
         self._thread.start()
@@ -52,22 +56,28 @@ class InProcess:
         while True:
             try:
                 self.refresh()
-            except Exception as exc:  # a bad version or a storage hiccup must not kill the watcher
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                metrics.MODEL_REFRESH_FAILURES.inc()
-                log.warning("model refresh failed: %s", self.last_error)
+            except Exception as exc:  # the store not answering (or a bug) must not kill the watcher
+                self._failed(None, exc)
+            # Whatever the store holds, the worker answers (/healthz at least) once it has looked.
+            self.joined.set()
             if self._stop.wait(self.settings.poll_seconds):
                 return
 
     def refresh(self) -> None:
+        if self.rollout.active() is None:
+            self.joined.set()  # nothing served yet, so nothing to hold first: answer now, however long listing takes
         found = models.versions(self.base)
+        self._recovered(None)
+        self.found = found
+        # A withdrawn version's trouble is over; were it published again, it is tried and told again.
+        self.problems = {v: why for v, why in self.problems.items() if v in found}
+        self._failing = {v: cause for v, cause in self._failing.items() if v in found}
         active = self.rollout.active()
         # What the others answer with comes first: a worker that starts (or restarts)
-        # mid-run takes connections only once it holds it.
+        # mid-run takes connections once it holds it, or knows it cannot.
         if active and active.version in found:
             self._hold(active.version)
-        if active is None or active.version in self.held:
-            self.joined.set()
+        self.joined.set()
         target = self._choose(found)
         self.rollout.publish(self.held, target)
         switched = self.rollout.try_switch()
@@ -77,11 +87,7 @@ class InProcess:
             metrics.MODEL_SWITCHES.labels("back" if back else "forward").inc()
             log.info("%s: every worker switched from %s to version %d", self.name,
                      f"version {before.version}" if before else "no version", after.version)
-        active = self.rollout.active()
-        if active and active.version in self.held:
-            self.joined.set()
-            self.last_error = self.waiting_for = None
-        self._release(active, target)
+        self._release(self.rollout.active(), target)
 
     def _choose(self, found: list[int]) -> int | None:
         """The version this worker would serve: the pinned one, else the newest
@@ -89,7 +95,7 @@ class InProcess:
         pin = self.settings.model_version
         if pin is not None:
             if pin not in found:
-                self.waiting_for = f"version {pin} (SERVE_MODEL_VERSION) is not under {self.base} yet"
+                self.problems[pin] = f"version {pin} (SERVE_MODEL_VERSION) is not under {self.base} yet"
                 return None
             found = [pin]
         for version in reversed(found):
@@ -98,21 +104,23 @@ class InProcess:
         return None
 
     def _hold(self, version: int) -> bool:
-        """Load `version` unless it is held already; False if its checks refuse it."""
+        """Load `version` unless it is held already; False if it cannot be: its files
+        refused (until they change), or the store or local disk failing (tried again at the next poll)."""
         if version in self.held:
             return True
-        stamp = models.fingerprint(self.base, version)
-        if self._refused.get(version) == stamp:
-            return False
+        stamp = None
         try:
+            stamp = models.fingerprint(self.base, version)
+            if self._refused.get(version) == stamp:
+                return False
             loaded = self._load(version)
-        except checks.Refused as exc:
-            self._refused[version] = stamp
-            self.waiting_for = f"version {version} refused: {exc}"
-            if self.rollout.first_to_tell(f"refused-{version}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"):
-                metrics.MODEL_VERSIONS_REFUSED.labels(exc.reason).inc()
-                log.error("refused %s version %d (%s): %s", self.name, version, exc.reason, exc)
+        except models.VersionError as exc:
+            self._refuse(version, stamp, exc)
             return False
+        except Exception as exc:
+            self._failed(version, exc)
+            return False
+        self._recovered(version)
         self.held = {**self.held, version: loaded}
         # TensorFlow and a loaded model leave ~340k objects for the garbage
         # collector to walk in every full collection (100+ ms holding the
@@ -123,6 +131,32 @@ class InProcess:
         gc.freeze()
         log.info("%s version %d loaded in this worker", self.name, version)
         return True
+
+    def _refuse(self, version: int, stamp: str | None, exc: models.VersionError) -> None:
+        """A version whose files cannot be served: the service logs and counts it once."""
+        self._refused[version] = stamp
+        reason = getattr(exc, "reason", "unloadable")
+        where = models.where(self.base, version)
+        self.problems[version] = f"version {version} ({where}) refused: {exc}"
+        metrics.MODEL_REFRESH_FAILURES.inc()
+        if self.rollout.first_to_tell(f"refused-{version}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:16]}"):
+            metrics.MODEL_VERSIONS_REFUSED.labels(reason).inc()
+            log.error("refused %s version %d at %s (%s): %s", self.name, version, where, reason, exc)
+
+    def _failed(self, version: int | None, exc: Exception) -> None:
+        """A failure tried again at the next poll: logged when it starts or its cause changes."""
+        what = (f"listing {self.name} versions under {self.base}" if version is None
+                else f"loading {self.name} version {version} from {models.where(self.base, version)}")
+        self.problems[version] = f"{what} failed: {_cause_text(exc)}"
+        metrics.MODEL_REFRESH_FAILURES.inc()
+        if self._failing.get(version) != _cause(exc):
+            self._failing[version] = _cause(exc)
+            log.warning("%s failed (tried again every %gs): %s", what, self.settings.poll_seconds, _cause_text(exc))
+
+    def _recovered(self, version: int | None) -> None:
+        self.problems.pop(version, None)
+        if self._failing.pop(version, None) is not None and version is None:
+            log.info("listing %s versions under %s works again", self.name, self.base)
 
     def _release(self, active: rollout.Active | None, target: int | None) -> None:
         """Drop versions no longer needed: all but the active one and the target,
@@ -137,9 +171,21 @@ class InProcess:
             self.rollout.publish(self.held, target)
 
     def _load(self, version: int) -> Loaded:
-        import tensorflow as tf
-
         path = models.local_path(self.base, version, self.settings.cache_dir)
+        try:
+            return self._open(version, path)
+        except models.VersionError:
+            raise
+        except Exception as exc:  # what TensorFlow makes of files it may not read, or that are not a SavedModel
+            raise models.VersionError(f"cannot be loaded: {_cause_text(exc)}") from exc
+
+    def _open(self, version: int, path) -> Loaded:
+        import tensorflow as tf
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        # The SignatureDefs as saved, which is what TF Serving's metadata reports. Read before
+        # TensorFlow loads: it reports a saved_model.pb it may not read as one that does not exist.
+        saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
         signatures = tf.saved_model.load(str(path)).signatures
         signature = signatures[layout.SIGNATURE]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
@@ -147,10 +193,6 @@ class InProcess:
             log.warning("%s version %d has no probe record (exported before the job wrote one): "
                         "served unchecked", self.name, version)
         labels = layout.labels(path)
-        # The SignatureDefs as saved, which is what TF Serving's metadata reports.
-        from tensorflow.core.protobuf import saved_model_pb2
-
-        saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
         return Loaded(version, signature, labels, signatures.get("predict_image_bytes"),
                       dict(saved.meta_graphs[0].signature_def))
 
@@ -186,6 +228,17 @@ class InProcess:
             raise Unavailable(f"version {version} is not loaded")
         return loaded.signature_defs
 
+    @property
+    def waiting_for(self) -> str | None:
+        """Why this worker answers with no version, for /readyz; None when it answers with one."""
+        if self.status() is not None:
+            return None
+        if self.problems:
+            return "; ".join(tuple(self.problems.values()))  # a copy: the watcher thread may be adding one
+        if not self.found:
+            return f"no complete version under {self.base} yet"
+        return f"loading version {self.found[-1]} in every worker"
+
     def status(self) -> Loaded | None:
         """The version the service answers with, as this worker holds it."""
         active = self.rollout.active()
@@ -195,3 +248,16 @@ class InProcess:
         self._stop.set()
         self._thread.join(timeout=60)
         self.rollout.leave()
+
+
+def _cause(exc: Exception) -> tuple:
+    """What makes two failures the same: an OSError's message may name a fresh
+    temporary path at each attempt (a full cache), its errno does not."""
+    if isinstance(exc, OSError) and exc.errno:
+        return type(exc).__name__, exc.errno
+    return type(exc).__name__, str(exc)
+
+
+def _cause_text(exc: Exception) -> str:
+    # TensorFlow's messages run on for lines of advice; the first says what failed.
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

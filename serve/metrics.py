@@ -21,7 +21,8 @@ BATCH_SIZE = Histogram("cifar_serve_batch_size", "images per model call",
 MODEL_REFRESH_FAILURES = Counter("cifar_serve_model_refresh_failures_total",
                                  "failed attempts to find or load a newer model version")
 # Versions not served because a rollout check failed ("probe": answers differ from the
-# export's record; "accuracy": below SERVE_MIN_ACCURACY), counted once per version.
+# export's record; "accuracy": below SERVE_MIN_ACCURACY) or their files cannot be served
+# ("unloadable": unreadable, corrupt, missing), counted once per version.
 MODEL_VERSIONS_REFUSED = Counter("cifar_serve_model_versions_refused_total",
                                  "model versions refused by a rollout check", ["reason"])
 # Switches of the version the whole service answers with, counted once by the

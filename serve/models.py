@@ -26,7 +26,25 @@ def versions(base: str) -> list[int]:
                 for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
                 for obj in page.get("Contents", [])]
         return sorted(int(name) for name in layout.published(keys) if name.isdigit())
-    return layout.local_versions(Path(base))
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and _complete(p))
+
+
+def _complete(version_dir: Path) -> bool:
+    """Whether a local version is whole (has its saved_model.pb), as common/layout.py
+    decides; one this process may not look into counts, so that loading it fails and
+    says why, instead of the whole listing failing."""
+    try:
+        return (version_dir / "saved_model.pb").is_file()
+    except PermissionError:
+        return True
+
+
+def where(base: str, version: int) -> str:
+    """The version's own path or URI, for messages."""
+    return f"{base.rstrip('/')}/{version}"
 
 
 def fingerprint(base: str, version: int) -> str:
@@ -34,10 +52,14 @@ def fingerprint(base: str, version: int) -> str:
     checked again only then."""
     if base.startswith("s3://"):
         bucket, prefix = _split(base)
-        return _s3().head_object(Bucket=bucket, Key=f"{prefix}/{version}/{layout.MARKER}")["ETag"]
+        # Every object, not the marker alone: a damaged file uploaded again under the same manifest counts.
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{version}/")
+        objects = [(o["Key"], o["ETag"], str(o["LastModified"])) for page in pages for o in page.get("Contents", [])]
+        return hashlib.sha256(repr(objects).encode()).hexdigest()
     root = Path(base) / str(version)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
+    # Modes count: a version refused because it could not be read is tried again once chmod makes it readable.
+    stats = [(str(p), p.stat()) for p in [root, *sorted(root.rglob("*"))]]
+    return hashlib.sha256(repr([(p, s.st_mode, s.st_mtime_ns, s.st_size) for p, s in stats]).encode()).hexdigest()
 
 
 def local_path(base: str, version: int, cache_dir: str) -> Path:

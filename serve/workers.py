@@ -1,10 +1,13 @@
 """The gunicorn worker: gunicorn's threaded one, with what a load balancer needs.
 
 - It takes no connection until it holds the version the service answers
-  with. gunicorn's workers share one listening socket and the kernel hands a
-  connection to whichever worker calls accept(); one still loading does not
-  call it, so nothing is routed to it, at start or after a restart
-  (`max_requests`, a crash).
+  with, or has found it cannot (serve/inprocess.py: `joined`). gunicorn's
+  workers share one listening socket and the kernel hands a connection to
+  whichever worker calls accept(); one still loading does not call it, so
+  nothing is routed to it after a restart (`max_requests`, a crash). At start
+  nothing is served yet, so it waits for nothing: whatever the model store
+  holds (nothing, unreadable or corrupt versions, an S3 that does not
+  answer), /healthz and /readyz answer as soon as TensorFlow is imported.
 - On SIGTERM it drains: /readyz answers 503 at once while the worker keeps
   accepting and answering, each answer closing its connection, for
   SERVE_DRAIN_SECONDS; then gunicorn's own graceful stop lets requests in

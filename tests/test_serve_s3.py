@@ -61,9 +61,9 @@ def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving
 
         republish(bucket, src, "models/cifar10/2", damage={DATA: b"other bytes"})
         damaged = f"s3://{bucket}/models/cifar10/2/{DATA}"
-        wait_until(lambda: damaged in (backend.last_error or ""))
-        assert "corrupt" in backend.last_error and "SHA-256" in backend.last_error
-        assert any(damaged in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        wait_until(lambda: damaged in backend.problems.get(2, ""))
+        assert "corrupt" in backend.problems[2] and "SHA-256" in backend.problems[2]
+        assert any(damaged in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
         assert refresh_failures(c) > failures
         assert c.get("/readyz").json["version"] == 1
         answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()})
@@ -74,7 +74,7 @@ def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving
         republish(bucket, src, "models/cifar10/3")
         wait_until(lambda: c.get("/readyz").json.get("version") == 3)
         assert c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()}).status_code == 200
-        assert backend.last_error is None
+        assert set(backend.problems) == {2}  # still refused, and nothing else wrong
     finally:
         backend.close()
 
