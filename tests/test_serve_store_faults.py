@@ -4,6 +4,7 @@ ones, an S3 endpoint that does not answer), the real `cifar-serve` answers
 cannot be loaded is refused once, by path and version, and the previous one
 keeps serving; a good version published later is served."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -205,5 +206,34 @@ def test_a_version_missing_s3_files_is_refused_by_uri_and_the_reason_says_so(s3,
         ready = c.get("/readyz")
         assert ready.status_code == 503 and f"s3://{s3}/models/cifar10/1/{DATA} is listed" in ready.json["reason"]
         assert c.get("/healthz").status_code == 200
+    finally:
+        app.extensions["predictor"].backend.close()
+
+
+def test_a_full_model_cache_is_told_once_by_path_and_version_and_tried_again(tmp_path, exported_model, monkeypatch,
+                                                                               caplog):
+    from serve import models
+
+    store = tmp_path / "cifar10"
+    publish_copy(store, exported_model)
+    attempts = []
+    real = models.local_path
+
+    def full(base, version, cache_dir):
+        attempts.append(version)
+        # Each attempt downloads into a fresh temporary folder, which the message names.
+        raise OSError(errno.ENOSPC, "No space left on device", f"{cache_dir}/.download-{len(attempts)}/x")
+
+    monkeypatch.setattr(models, "local_path", full)
+    app = create_app(Settings(model_uri=str(store), poll_seconds=0.05))
+    try:
+        c = app.test_client()
+        wait_until(lambda: len(attempts) >= 10, what="ten attempts")
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "No space left on device" in ready.json["reason"]
+        told = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+        assert len(told) == 1 and f"version 1 from {store / '1'}" in told[0], told
+        monkeypatch.setattr(models, "local_path", real)  # space freed: the next poll loads it
+        wait_until(lambda: c.get("/readyz").status_code == 200)
     finally:
         app.extensions["predictor"].backend.close()
