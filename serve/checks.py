@@ -9,6 +9,7 @@ without importing the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -31,6 +32,29 @@ class Refused(models.VersionError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+@contextlib.contextmanager
+def loadable():
+    """Whatever loading a version raises (TensorFlow on files it may not read or
+    that are no SavedModel) as a models.VersionError: the version's own fault,
+    refused until its files change, not the store's, tried again at the next poll."""
+    try:
+        yield
+    except models.VersionError:
+        raise
+    except Exception as exc:
+        raise models.VersionError(f"cannot be loaded: {models.describe(exc)}") from exc
+
+
+def load(path: Path):
+    """The version at `path`: its saved_model.pb as a SavedModel proto, and its signatures loaded."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    # Read first: TensorFlow reports a saved_model.pb it may not read as one that does not exist.
+    saved = saved_model_pb2.SavedModel.FromString((Path(path) / "saved_model.pb").read_bytes())
+    return saved, tf.saved_model.load(str(path)).signatures
 
 
 def check(path: Path, signature, min_accuracy: float | None = None) -> bool:

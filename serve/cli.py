@@ -8,24 +8,35 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def sync_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cifar-serve sync",
                                      description="Mirror complete model versions into a folder TF Serving watches.")
-    parser.add_argument("--from", dest="source", required=True, help="the model base: <export.uri>/<model_name>")
-    parser.add_argument("--to", dest="dest", required=True, help="the local folder TF Serving's model_base_path is")
+    parser.add_argument("--from", dest="source", help="the model base: <export.uri>/<model_name>")
+    parser.add_argument("--to", dest="dest", help="the local folder TF Serving's model_base_path is")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between checks (default 10)")
     parser.add_argument("--once", action="store_true", help="copy what is there now and exit")
+    parser.add_argument("--heartbeat", type=Path, help="a file touched after each pass that reached the store")
+    parser.add_argument("--check", type=Path, metavar="HEARTBEAT",
+                        help="health check: exit 0 if the sync touched HEARTBEAT within --max-age seconds, else 1")
+    parser.add_argument("--max-age", type=float, default=60.0, help="for --check (default 60)")
     args = parser.parse_args(argv)
-    import logging
-    from pathlib import Path
-
     from serve import sync
+
+    if args.check:
+        problem = sync.stale(args.check, args.max_age)
+        if problem:
+            print(f"cifar-serve sync: unhealthy: {problem}", file=sys.stderr)
+        return 1 if problem else 0
+    if not (args.source and args.dest):
+        parser.error("--from and --to are required (or --check)")
+    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        sync.run(args.source, Path(args.dest), args.every, args.once)
+        sync.run(args.source, Path(args.dest), args.every, args.once, args.heartbeat)
     except Exception as exc:
         print(f"cifar-serve sync: error: {exc}", file=sys.stderr)
         return 4

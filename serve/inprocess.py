@@ -147,11 +147,12 @@ class InProcess:
         """A failure tried again at the next poll: logged when it starts or its cause changes."""
         what = (f"listing {self.name} versions under {self.base}" if version is None
                 else f"loading {self.name} version {version} from {models.where(self.base, version)}")
-        self.problems[version] = f"{what} failed: {_cause_text(exc)}"
+        self.problems[version] = f"{what} failed: {models.describe(exc)}"
         metrics.MODEL_REFRESH_FAILURES.inc()
         if self._failing.get(version) != _cause(exc):
             self._failing[version] = _cause(exc)
-            log.warning("%s failed (tried again every %gs): %s", what, self.settings.poll_seconds, _cause_text(exc))
+            log.warning("%s failed (tried again every %gs): %s", what, self.settings.poll_seconds,
+                        models.describe(exc))
 
     def _recovered(self, version: int | None) -> None:
         self.problems.pop(version, None)
@@ -172,27 +173,20 @@ class InProcess:
 
     def _load(self, version: int) -> Loaded:
         path = models.local_path(self.base, version, self.settings.cache_dir)
-        try:
+        with checks.loadable():
             return self._open(version, path)
-        except models.VersionError:
-            raise
-        except Exception as exc:  # what TensorFlow makes of files it may not read, or that are not a SavedModel
-            raise models.VersionError(f"cannot be loaded: {_cause_text(exc)}") from exc
 
     def _open(self, version: int, path) -> Loaded:
         import tensorflow as tf
-        from tensorflow.core.protobuf import saved_model_pb2
 
-        # The SignatureDefs as saved, which is what TF Serving's metadata reports. Read before
-        # TensorFlow loads: it reports a saved_model.pb it may not read as one that does not exist.
-        saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-        signatures = tf.saved_model.load(str(path)).signatures
+        saved, signatures = checks.load(path)
         signature = signatures[layout.SIGNATURE]
         signature(images=tf.zeros([1, 32, 32, 3], tf.uint8))  # warm up before anyone waits on it
         if not checks.check(path, signature, self.settings.min_accuracy):
             log.warning("%s version %d has no probe record (exported before the job wrote one): "
                         "served unchecked", self.name, version)
         labels = layout.labels(path)
+        # The SignatureDefs as saved, which is what TF Serving's metadata reports.
         return Loaded(version, signature, labels, signatures.get("predict_image_bytes"),
                       dict(saved.meta_graphs[0].signature_def))
 
@@ -257,7 +251,3 @@ def _cause(exc: Exception) -> tuple:
         return type(exc).__name__, exc.errno
     return type(exc).__name__, str(exc)
 
-
-def _cause_text(exc: Exception) -> str:
-    # TensorFlow's messages run on for lines of advice; the first says what failed.
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

@@ -47,6 +47,12 @@ def where(base: str, version: int) -> str:
     return f"{base.rstrip('/')}/{version}"
 
 
+def describe(exc: BaseException) -> str:
+    """An error for a log line or /readyz: its type and first line (TensorFlow's
+    messages run on for lines of advice; the first says what failed)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def fingerprint(base: str, version: int) -> str:
     """Changes when `version`'s files are replaced: a version refused once is
     checked again only then."""

@@ -25,18 +25,25 @@ from serve import checks, models
 log = logging.getLogger("serve.sync")
 
 
-def sync_once(source: str, dest: Path, min_accuracy: float | None = None) -> list[int]:
+def sync_once(source: str, dest: Path, min_accuracy: float | None = None,
+              refused: dict[int, str] | None = None) -> list[int]:
     """Copy the versions under `source` that `dest` lacks; returns those copied.
 
     A damaged version, or one failing a check, is refused (models.VersionError,
     after the others are copied): TF Serving keeps the versions it has, and one
-    bad version does not hold back the newer ones.
+    bad version does not hold back the newer ones. Refusals are noted in
+    `refused` (version -> models.fingerprint): a version refused before is
+    neither fetched nor told again until its files change.
     """
+    refused = {} if refused is None else refused
     dest.mkdir(parents=True, exist_ok=True)
     have = {int(p.name) for p in dest.iterdir() if p.name.isdigit()}
-    copied, refused = [], []
+    copied, refusals = [], []
     for version in models.versions(source):
         if version in have:
+            continue
+        stamp = models.fingerprint(source, version)
+        if refused.get(version) == stamp:
             continue
         staging = dest / f".sync-{version}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -46,7 +53,8 @@ def sync_once(source: str, dest: Path, min_accuracy: float | None = None) -> lis
         except models.VersionError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             log.error("refused version %d of %s: %s", version, source, exc)
-            refused.append(str(exc))
+            refused[version] = stamp
+            refusals.append(str(exc))
             continue
         if Path(downloaded).resolve() == (Path(source) / str(version)).resolve():
             shutil.copytree(downloaded, staging / "v")  # a local source: copy, never move, the original
@@ -55,31 +63,56 @@ def sync_once(source: str, dest: Path, min_accuracy: float | None = None) -> lis
         shutil.rmtree(staging, ignore_errors=True)
         log.info("synced version %d of %s into %s", version, source, dest)
         copied.append(version)
-    if refused:
-        raise models.VersionError("; ".join(refused))
+    if refusals:
+        raise models.VersionError("; ".join(refusals))
     return copied
 
 
 def _check(path: Path, min_accuracy: float | None) -> None:
-    import tensorflow as tf
+    with checks.loadable():
+        signature = checks.load(path)[1][layout.SIGNATURE]
+        if not checks.check(path, signature, min_accuracy):
+            log.warning("%s has no probe record (exported before the job wrote one): mirrored unchecked", path)
 
-    signature = tf.saved_model.load(str(path)).signatures[layout.SIGNATURE]
-    if not checks.check(path, signature, min_accuracy):
-        log.warning("%s has no probe record (exported before the job wrote one): mirrored unchecked", path)
 
-
-def run(source: str, dest: Path, every: float, once: bool) -> None:
+def run(source: str, dest: Path, every: float, once: bool, heartbeat: Path | None = None) -> None:
+    """Sync every `every` seconds (or `once`); after each pass that reached the
+    store, touch `heartbeat`, which `cifar-serve sync --check` reads."""
     from serve.settings import Settings
 
     # The service's own setting, read from the same environment (SERVE_MIN_ACCURACY).
     min_accuracy = Settings().min_accuracy
+    refused: dict[int, str] = {}
+    failing = None  # the outage's message: told when it starts or changes, not at every pass
     while True:
         try:
-            sync_once(source, dest, min_accuracy)
+            sync_once(source, dest, min_accuracy, refused)
+            outage = None
+        except models.VersionError:  # versions refused, each told by sync_once: the store answers
+            if once:
+                raise
+            outage = None
         except Exception as exc:  # an outage: try again next round rather than exit the sidecar
             if once:
                 raise
-            log.warning("sync from %s failed: %s", source, exc)
+            outage = str(exc)
+            if outage != failing:
+                log.warning("sync from %s failed (tried again every %gs): %s", source, every, exc)
+        if failing and not outage:
+            log.info("sync from %s works again", source)
+        failing = outage
+        if heartbeat and not outage:
+            heartbeat.touch()
         if once:
             return
         time.sleep(every)
+
+
+def stale(heartbeat: Path, max_age: float) -> str | None:
+    """What is wrong if the sync has not reached the store within `max_age`
+    seconds (by its `heartbeat`), else None: `cifar-serve sync --check`."""
+    try:
+        age = time.time() - heartbeat.stat().st_mtime
+    except FileNotFoundError:
+        return f"{heartbeat} does not exist: the sync has not reached the store yet"
+    return f"the sync last reached the store {age:.0f}s ago ({heartbeat})" if age > max_age else None

@@ -53,3 +53,40 @@ def test_a_damaged_s3_version_is_refused_by_name_and_newer_ones_still_sync(s3, t
     # TF Serving sees only whole, checked versions; nothing of 2 is left half-way.
     assert sorted(p.name for p in dest.iterdir()) == ["1", "3"]
     assert (dest / "3" / DATA).is_file()
+
+
+@pytest.mark.slow
+def test_a_corrupt_local_version_is_refused_once_and_newer_ones_still_sync(tmp_path, exported_model, caplog):
+    from test_serve_store_faults import garbage_graph, publish_copy
+
+    from serve import models
+
+    source = tmp_path / "export" / "cifar10"
+    publish_copy(source, exported_model, garbage_graph)
+    publish_copy(source, exported_model)
+    dest = tmp_path / "tfserving" / "cifar10"
+    refused = {}
+    with pytest.raises(models.VersionError, match="cannot be loaded: DecodeError"):
+        sync_once(str(source), dest, refused=refused)
+    assert sorted(p.name for p in dest.iterdir()) == ["2"]
+    caplog.clear()
+    assert sync_once(str(source), dest, refused=refused) == []  # remembered: neither loaded nor told again
+    assert not caplog.records
+
+
+@pytest.mark.slow
+def test_sync_check_is_healthy_only_while_passes_reach_the_store(tmp_path):
+    heartbeat = tmp_path / "heartbeat"
+
+    def sync(*args):
+        return subprocess.run([sys.executable, "-m", "serve", "sync", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    never = sync("--check", str(heartbeat))
+    assert never.returncode == 1 and "has not reached the store yet" in never.stderr
+    ran = sync("--from", str(tmp_path / "models" / "cifar10"), "--to", str(tmp_path / "out"), "--once",
+               "--heartbeat", str(heartbeat))
+    assert ran.returncode == 0, ran.stderr
+    assert sync("--check", str(heartbeat), "--max-age", "60").returncode == 0
+    assert sync("--check", str(heartbeat), "--max-age", "0").returncode == 1
+    assert sync("--to", str(tmp_path)).returncode == 2  # neither --from nor --check
