@@ -46,6 +46,12 @@ soak: $(STAMP)
 images:
 	bash scripts/images.sh
 
+# The compose scenario on a real Docker engine (tests/test_compose.py; it runs
+# `make images` first): up, kill and resume, SIGTERM, a new version under load,
+# drain, two training containers. Also part of `make test` where an engine runs.
+compose-test: $(STAMP)
+	$(PY) -m pytest -n 0 tests/test_compose.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common job serve tests bench scripts
 

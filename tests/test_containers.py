@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ def test_compose_validates_with_every_override():
     if not shutil.which("docker-compose"):
         pytest.skip("needs Debian's docker-compose package")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"],
-                  ["docker-compose.yml", "docker-compose.console.yml"]):
+                  ["docker-compose.yml", "docker-compose.console.yml"],
+                  ["docker-compose.yml", "docker-compose.multiworker.yml"],
+                  ["docker-compose.yml", "tests/compose/docker-compose.test.yml"]):
         args = sum((["-f", f] for f in files), [])
         done = subprocess.run(["docker-compose", *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, (files, done.stderr)
@@ -88,7 +91,16 @@ def test_dockerfiles_lint_clean_and_end_as_a_non_root_user(dockerfile):
 def test_serve_image_ships_no_training_code_and_checks_its_health():
     text = (ROOT / "Dockerfile.serve").read_text()
     assert "COPY job" not in text and "HEALTHCHECK" in text and "/healthz" in text and "EXPOSE 8080" in text
-    assert 'pip install ".[serve]"' in text  # the service's extra, not training's (matplotlib, tensorboard)
+    assert 'pip install ".[serve-libs]"' in text  # the service's extra, not training's (matplotlib, tensorboard)
+
+
+def test_serve_image_installs_the_cpu_build_of_the_tensorflow_the_project_pins():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {re.split(r"[=<>]", req)[0]: req for req in extras["tf"]}
+    text = (ROOT / "Dockerfile.serve").read_text()
+    assert f'"tensorflow-cpu{pins["tensorflow"].removeprefix("tensorflow")}"' in text
+    assert f'--no-deps "{pins["tensorflow-serving-api"]}"' in text
+    assert "tensorflow[and-cuda]" not in text and "cuda" not in extras["serve"][0]
 
 
 def test_dockerignore_keeps_the_build_context_small():

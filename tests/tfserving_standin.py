@@ -37,9 +37,11 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
     `.request_ids` records each call's `x-request-id` metadata, as (method, [ids])."""
 
     def __init__(self, uri, name="cifar10"):
+        """`uri`: a version folder to serve as version 1, or None for no version yet."""
         self.name = name
-        self.load(uri)
-        self.reset()
+        if uri is not None:
+            self.load(uri)
+        self.reset({1: AVAILABLE} if uri is not None else {})
 
     def load(self, uri) -> None:
         self.signatures = tf.saved_model.load(str(uri)).signatures
@@ -60,6 +62,8 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
 
     def Predict(self, request, context):
         self.record("Predict", context)
+        if not self.versions:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({self.name})")
         if self.delay:
             self.release.wait(self.delay)
         if self.fail:
@@ -96,6 +100,8 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
         self.record("GetModelStatus", context)
         if request.model_spec.name != self.name:
             context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request.model_spec.name}")
+        if not self.versions:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {self.name}")
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[
             get_model_status_pb2.ModelVersionStatus(version=v, state=s) for v, s in sorted(self.versions.items())])
 
@@ -124,20 +130,19 @@ def main() -> None:
     parser.add_argument("--model_base_path", type=Path, required=True)
     parser.add_argument("--poll_seconds", type=float, default=1.0)
     args = parser.parse_args()
-    while (version := newest_version(args.model_base_path)) is None:
-        time.sleep(args.poll_seconds)
-    fake = FakeTFServing(args.model_base_path / str(version), args.model_name)
-    fake.versions = {version: AVAILABLE}
+    # Listening from the start, with no version until one appears, as TF Serving does.
+    fake = FakeTFServing(None, args.model_name)
     server, port = start_server(fake, "0.0.0.0", args.port)
-    print(f"tfserving stand-in: serving {args.model_name} version {version} on port {port}", flush=True)
+    print(f"tfserving stand-in: listening on port {port} for {args.model_base_path}", flush=True)
+    served = None
     while True:
-        time.sleep(args.poll_seconds)
         newest = newest_version(args.model_base_path)
-        if newest is not None and newest > version:
-            # Loaded before it is announced, as TF Serving does: LOADING, then AVAILABLE.
+        if newest is not None and newest != served:
+            # Loaded before it is announced, as TF Serving does: the old version answers until then.
             fake.load(args.model_base_path / str(newest))
-            fake.versions, version = {newest: AVAILABLE}, newest
-            print(f"tfserving stand-in: serving {args.model_name} version {version}", flush=True)
+            fake.versions, served = {newest: AVAILABLE}, newest
+            print(f"tfserving stand-in: serving {args.model_name} version {served}", flush=True)
+        time.sleep(args.poll_seconds)
 
 
 if __name__ == "__main__":
