@@ -84,8 +84,9 @@ def readyz():
     if loaded is not None and not current_app.extensions["draining"].is_set():
         return jsonify(status="ready", model=name, version=loaded.version)
     # Readiness may wait on the backend's rollout checks (a pinned version not
-    # there yet, refused versions) or on a shutdown: the body says which, for
-    # whoever looks at a pod that never becomes ready.
+    # there yet, refused versions), on a model store it cannot read, or on a
+    # shutdown: the body says which, for whoever looks at a pod that never
+    # becomes ready.
     if current_app.extensions["draining"].is_set():
         reason = "shutting down: finishing what was already sent"
     else:
