@@ -12,11 +12,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
+from job import storage
 from job.errors import ConfigError
 from job.platform import hyperparameters, platform_overrides
+
+
+def _location(value: str | None, schemes: tuple[str, ...] = ("s3",)) -> str | None:
+    """A URI that can name a location at all (syntax only: a config check
+    touches no storage). `s3://` and `s3:///x` name no bucket; they would
+    otherwise pass here and fail at the first write, as a storage error."""
+    if not isinstance(value, str):
+        return value
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in schemes:
+        raise ValueError(f"{value!r}: the {scheme}:// scheme is not supported; use a local path or "
+                         + " or ".join(f"{s}://" for s in schemes))
+    problem = storage.malformed(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A local path or s3://bucket/prefix.
+Location = Annotated[str, AfterValidator(_location)]
 
 
 class Section(BaseModel):
@@ -42,7 +63,7 @@ class Data(Section):
                     "label the export. Each image is converted to RGB and resized to 32x32 by the function the "
                     "service applies to `/predict` uploads.",
     )
-    uri: str | None = Field(
+    uri: Annotated[str | None, AfterValidator(lambda v: _location(v, ("s3", "http", "https")))] = Field(
         None,
         description="For `cifar10`: a local directory or `.tar.gz`, an `s3://` object or prefix (a prefix "
                     "reads like a directory), or an `http(s)://` URL; null means the canonical CIFAR-10 binary "
@@ -90,7 +111,7 @@ class Model(Section):
                     "passes). It is the model's own inference, so validation, the test figure and the exported "
                     "model all include it, at that many times the cost per image.",
     )
-    init_from: str | None = Field(
+    init_from: Location | None = Field(
         None,
         description="Start a new run from another run's weights: its `checkpoint.uri` (its newest checkpoint) or "
                     "one of its `.../ckpt-<step>` directories. The network must match (`model.name`, "
@@ -242,9 +263,10 @@ class Train(Section):
 
 
 class Checkpoint(Section):
-    uri: str = Field("runs/default/checkpoints",
+    uri: Location = Field("runs/default/checkpoints",
                      description="Where checkpoints, `latest.json`, `metrics.jsonl` and the run's `config.yaml` "
-                                 "go: a local path or `s3://bucket/prefix`; one run at a time.")
+                                 "go: a local path or `s3://bucket/prefix`; one run at a time. Before training, "
+                                 "the job writes and removes a marker there (exit 4 if it cannot).")
     every_steps: int = Field(500, ge=1, description="Commit a checkpoint every this many steps, besides the one "
                                                     "at each epoch's end.")
     every_seconds: float | None = Field(
@@ -265,8 +287,12 @@ class Checkpoint(Section):
                     "run's `checkpoint.uri` (its newest) or a `.../ckpt-<step>` directory. The run goes on in "
                     "its own `checkpoint.uri`.",
     )
-    retry_seconds: float = Field(300.0, gt=0, description="How long a background commit retries through a "
-                                                          "storage outage before the job gives up (exit 4).")
+    retry_seconds: float = Field(
+        300.0, gt=0,
+        description="How long a storage write retries through an outage (S3 unreachable, throttled, failing) "
+                    "before the job gives up (exit 4): each checkpoint commit, the run's files beside it, and "
+                    "the final export. A failure waiting cannot mend (a full disk, a read-only mount, a denied "
+                    "write, a missing bucket) exits 4 at once.")
     grace_seconds: float = Field(30.0, gt=0, description="After SIGTERM, how long the current checkpoint gets "
                                                          "to commit before the job exits (75).")
     lease_seconds: float = Field(60.0, ge=1, description="A run killed while holding `checkpoint.uri` blocks "
@@ -278,11 +304,18 @@ class Checkpoint(Section):
         # The environment gives every value as a string; `40` is a step wherever it comes from.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_location(cls, value: int | str | None) -> int | str | None:
+        return _location(value)
+
 
 class Export(Section):
-    uri: str = Field("runs/default/export", description="Where versions go, as "
+    uri: Location = Field("runs/default/export", description="Where versions go, as "
                                                         "`<export.uri>/<model_name>/<version>/`: a local path or "
-                                                        "`s3://bucket/prefix`.")
+                                                        "`s3://bucket/prefix`. Before training, the job "
+                                                        "writes and removes a marker in "
+                                                        "`<export.uri>/<model_name>` (exit 4 if it cannot).")
     model_name: str = Field("cifar10", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             description="The model's folder under `export.uri`, and the model name its TF "
                                         "Serving warm-up requests use.")
@@ -427,11 +460,50 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _check_unique_keys(node: yaml.Node, path: tuple[str, ...] = (), seen: set[int] | None = None) -> None:
+    """A key given twice in one mapping, which YAML loaders settle silently
+    (the last wins): the first value would then be ignored without a word."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    children = node.value if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) else []
+    lines: dict[str, int] = {}
+    for child in children:
+        key, value = child if isinstance(node, yaml.MappingNode) else (None, child)
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # merge keys may repeat
+            dotted = ".".join((*path, key.value))
+            if key.value in lines:
+                raise _DuplicateKey(f"key {dotted!r} appears twice, on lines {lines[key.value]} and "
+                                    f"{key.start_mark.line + 1}")
+            lines[key.value] = key.start_mark.line + 1
+        _check_unique_keys(value, (*path, key.value) if isinstance(key, yaml.ScalarNode) else path, seen)
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a key given twice in a mapping (_DuplicateKey)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def typed(raw: str) -> Any:
     """A value given as text (`--set`, a SageMaker hyperparameter), typed:
     YAML gives `3`, `true`, `null` and `[1, 2]` their natural types."""
     try:
-        return yaml.safe_load(raw) if raw else ""
+        return _load_yaml(raw) if raw else ""
+    except _DuplicateKey as exc:
+        raise ConfigError(f"the value {raw!r}: {exc}") from None
     except yaml.YAMLError:
         # Not YAML, so plain text; validation names the field if text is wrong there.
         return raw
@@ -462,7 +534,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _load_yaml(path.read_text())
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
