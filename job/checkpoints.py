@@ -15,8 +15,10 @@ remote storage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -41,21 +43,18 @@ class Uploader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader")
         self._futures: list[Future] = []
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args, undo=None) -> None:
+        """Run fn(*args) after everything submitted before; `undo` runs if it gives up."""
         self.raise_failed()
-        self._futures.append(self._pool.submit(self._with_retries, fn, *args))
+        self._futures.append(self._pool.submit(self._with_retries, fn, args, undo))
 
-    def _with_retries(self, fn, *args):
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return fn(*args)
-            except StorageError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+    def _with_retries(self, fn, args, undo):
+        try:
+            return storage.retry(fn, *args, seconds=self.retry_seconds)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
 
     def raise_failed(self) -> None:
         for future in [f for f in self._futures if f.done()]:
@@ -79,15 +78,16 @@ class CheckpointStore:
     """A run's `checkpoint.uri`: its checkpoints and latest.json, and the
     other files of the run beside them, written in order on one uploader."""
 
-    def __init__(self, uri: str, keep: int, uploader: Uploader):
+    def __init__(self, uri: str, keep: int, uploader: Uploader, key: str = "checkpoint.uri"):
         self.uri = uri
         self.keep = keep
-        self._storage: storage.Storage = storage.backend(uri)
+        self.key = key  # the config key that names `uri`, which its errors lead with
+        self._storage: storage.Storage = storage.backend(uri, key)
         self._uploader = uploader
 
-    def at(self, uri: str) -> CheckpointStore:
+    def at(self, uri: str, key: str) -> CheckpointStore:
         """Another run's checkpoints (checkpoint.resume_from, model.init_from), on this store's uploader."""
-        return CheckpointStore(uri, self.keep, self._uploader)
+        return CheckpointStore(uri, self.keep, self._uploader, key)
 
     def read(self, name: str) -> bytes | None:
         return self._storage.read_bytes(storage.join(self.uri, name))
@@ -103,6 +103,11 @@ class CheckpointStore:
 
     def working_dir(self, name: str) -> Path:
         return self._storage.working_dir(storage.join(self.uri, name))
+
+    def writing(self, path: str | Path) -> contextlib.AbstractContextManager:
+        """Local files of the run written within (TensorFlow's too): a failure
+        is a StorageError led by this store's key, naming the file and cause."""
+        return storage.writing(path, self.key)
 
     def sync_later(self, name: str) -> None:
         """Send `working_dir(name)` after every commit queued before it."""
@@ -131,14 +136,19 @@ class CheckpointStore:
     def save(self, checkpoint: tf.train.Checkpoint, step: int, previous: dict | None, **fields) -> dict:
         """Snapshot `step` now and commit it in the background; return the latest.json it will write."""
         staged = self._storage.staging(self.uri)
-        checkpoint.write(str(staged / "ckpt"))
         kept = [s for s in (previous or {}).get("kept", []) if s != step] + [step]
         record = {**(previous or {}), **fields, "step": step, "checkpoint": f"ckpt-{step}",
                   "kept": kept[-self.keep:]}
-        # The record travels inside the checkpoint too: a restart from this
-        # step (checkpoint.resume_from) needs the run as it was then.
-        (staged / RECORD).write_text(json.dumps(record, indent=2))
-        self._uploader.submit(self._commit, staged, record)
+        try:
+            with self.writing(staged):
+                checkpoint.write(str(staged / "ckpt"))
+                # The record travels inside the checkpoint too: a restart from this
+                # step (checkpoint.resume_from) needs the run as it was then.
+                (staged / RECORD).write_text(json.dumps(record, indent=2))
+        except StorageError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        self._uploader.submit(self._commit, staged, record, undo=lambda: shutil.rmtree(staged, ignore_errors=True))
         return record
 
     def _commit(self, staged, record: dict) -> None:
@@ -188,7 +198,7 @@ class Lease:
     def __init__(self, checkpoint_uri: str, seconds: float, say=print):
         self.uri = storage.join(checkpoint_uri, "lease.json")
         self.seconds = seconds
-        self.backend = storage.backend(checkpoint_uri)
+        self.backend = storage.backend(checkpoint_uri, "checkpoint.uri")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.say = say
         self.lost = False

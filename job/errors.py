@@ -4,6 +4,8 @@ Anything raised as a JobError ends the process with one readable line and
 that code; everything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class JobError(Exception):
     exit_code = 1
@@ -18,7 +20,25 @@ class DataError(JobError):
 
 
 class StorageError(JobError):
+    """Storage could not be read or written. `transient` says whether waiting
+    can help (an outage, throttling) or not (a full disk, a read-only mount, a
+    denied write): the job retries only the first kind, and exits 4 either
+    way, as another attempt of the whole job may land where it can write."""
+
     exit_code = 4
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+        self.key: str | None = None
+
+    def named(self, key: str) -> StorageError:
+        """This failure as the user sees it: led by the config key that chose the location."""
+        if self.key is not None:
+            return self
+        error = StorageError(f"{key}: {self}", self.transient)
+        error.key = key
+        return error
 
 
 class DivergedError(JobError):

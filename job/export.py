@@ -9,6 +9,7 @@ in-memory model's outputs on a fixed batch.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from common import layout
 from common.layout import BYTES_SIGNATURE, SIGNATURE
 from job import storage
 from job.errors import JobError
+
+KEY = "export.uri"  # the config key export errors lead with
 
 
 class ServingModule(tf.Module):
@@ -113,18 +116,29 @@ def verify(model, directory: Path, probe: np.ndarray):
 
 
 def export(model, export_uri: str, model_name: str, card: dict, probe: np.ndarray,
-           class_names: Sequence[str] = layout.CIFAR10_CLASSES) -> tuple[int, str]:
-    """Publish the next version, labelled with `class_names`; return (version, its URI)."""
+           class_names: Sequence[str] = layout.CIFAR10_CLASSES, retry_seconds: float = 0.0) -> tuple[int, str]:
+    """Publish the next version, labelled with `class_names`; return (version, its URI).
+
+    Publishing retries through a storage outage for `retry_seconds` (the
+    run's checkpoint.retry_seconds), as checkpoint commits do; beyond that,
+    and at once where waiting cannot help (a full disk), a StorageError led
+    by export.uri. Whatever fails, the staged version is removed.
+    """
     base = storage.join(export_uri, model_name)
-    backend = storage.backend(export_uri)
+    backend = storage.backend(export_uri, KEY)
     staged = backend.staging(base)
-    write_saved_model(model, staged, model_name, card, class_names)
-    # One load of the written model serves both the check and the probe record.
-    _write_probe_record(staged, verify(model, staged, probe), probe)
-    version = 1 + max((int(n) for n in backend.published(base) if n.isdigit()), default=0)
-    while True:
-        try:
-            backend.publish(staged, storage.join(base, str(version)))
-            return version, storage.join(base, str(version))
-        except FileExistsError:
-            version += 1  # another export took this number first
+    try:
+        with storage.writing(staged, KEY):
+            write_saved_model(model, staged, model_name, card, class_names)
+            # One load of the written model serves both the check and the probe record.
+            _write_probe_record(staged, verify(model, staged, probe), probe)
+        version = 1 + max((int(n) for n in backend.published(base) if n.isdigit()), default=0)
+        while True:
+            try:
+                storage.retry(backend.publish, staged, storage.join(base, str(version)), seconds=retry_seconds)
+                return version, storage.join(base, str(version))
+            except FileExistsError:
+                version += 1  # another export took this number first
+    finally:
+        # Published, it is gone already (renamed, or uploaded and removed).
+        shutil.rmtree(staged, ignore_errors=True)

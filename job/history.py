@@ -19,7 +19,9 @@ class History:
     def __init__(self, store: CheckpointStore):
         self.store = store
         self.records: list[dict] = []
-        self._writer = tf.summary.create_file_writer(str(store.working_dir(TENSORBOARD)))
+        self._dir = store.working_dir(TENSORBOARD)
+        with store.writing(self._dir):
+            self._writer = tf.summary.create_file_writer(str(self._dir))
 
     def resume(self, step: int) -> None:
         """Keep the epochs a committed checkpoint covers; later lines belong to work being redone."""
@@ -28,7 +30,7 @@ class History:
         self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
 
     def scalars(self, step: int, **values: float) -> None:
-        with self._writer.as_default(step=step):
+        with self.store.writing(self._dir), self._writer.as_default(step=step):
             for name, value in values.items():
                 tf.summary.scalar(name, value)
 
@@ -36,7 +38,8 @@ class History:
         self.records.append(record)
         self.scalars(record["step"], **{f"epoch/{k}": v for k, v in record.items()
                                         if k not in ("epoch", "step") and v is not None})
-        self._writer.flush()
+        with self.store.writing(self._dir):
+            self._writer.flush()
         body = "".join(json.dumps(r) + "\n" for r in self.records)
         # Queued behind the epoch's checkpoint commit, so storage never shows
         # an epoch in metrics.jsonl that no committed checkpoint covers.

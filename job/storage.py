@@ -9,13 +9,19 @@ checkpoints and TF Serving versions need.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -23,16 +29,125 @@ from common import layout
 from job.errors import StorageError
 
 _STAGING_PREFIX = ".staging-"
+_PROBE_PREFIX = ".probe-"
+
+# What waiting does not mend: the job gives up at once (exit 4) rather than
+# retrying for checkpoint.retry_seconds. Anything else local (EIO, an NFS
+# timeout) may pass and is retried.
+_PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST, errno.ENAMETOOLONG}
+# The causes TensorFlow's file system puts after the path in its errors
+# ("<path>; No space left on device [Op:SaveV2]").
+_CAUSES = [os.strerror(e) for e in sorted(_PERMANENT)] + [os.strerror(errno.EIO), os.strerror(errno.ENOENT)]
 
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _umask() -> int:
+    # /proc reads it without setting it: os.umask's set-and-restore would give
+    # files other threads create meanwhile the wrong mode.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_others(root: Path) -> None:
+    """Give a staged tree the modes a plain mkdir and open would: folders
+    0o777 and files 0o666 less the umask (0755/0644 under the usual 022),
+    whatever made them, so a service running as another user can read it."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def local_error(what: str, path: str | Path, exc: OSError) -> StorageError:
+    """An OSError as one line: what failed, on which path, and why."""
+    cause = exc.strerror or str(exc)
+    return StorageError(f"cannot {what} {exc.filename or path}: {cause}", transient=exc.errno not in _PERMANENT)
+
+
+def _tf_write_error(exc: Exception, path: str | Path) -> StorageError | None:
+    """A TensorFlow file-system error (it maps errno to its own classes) as
+    one line, or None for anything else. TensorFlow is not imported here:
+    only code that already has it writes through it."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(exc, (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
+                                          tf.errors.FailedPreconditionError, tf.errors.NotFoundError,
+                                          tf.errors.AlreadyExistsError)):
+        return None
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", exc.message, flags=re.S)
+    where, _, cause = message.rpartition("; ")
+    cause = next((c for c in _CAUSES if c in cause), cause)
+    return StorageError(f"cannot write {where or path}: {cause}", transient=False)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, key: str | None = None) -> Iterator[None]:
+    """Files written locally within (by TensorFlow too): a failure is a
+    StorageError naming the file and the cause (a full disk, a read-only
+    mount, a denied write), led by the config `key`, not a traceback."""
+    try:
+        yield
+        return
+    except StorageError as exc:
+        error = exc
+    except OSError as exc:
+        error = local_error("write", path, exc)
+    except Exception as exc:
+        error = _tf_write_error(exc, path)
+        if error is None:
+            raise
+    raise (error.named(key) if key else error) from None
+
+
+def retry(fn, *args, seconds: float):
+    """fn(*args), called again through transient StorageErrors (an outage
+    longer than boto3's own retries ride out) until `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args)
+        except StorageError as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def malformed(uri: str) -> str | None:
+    """Why `uri` cannot name a location at all, or None. Syntax only: no storage is touched."""
+    if not is_object_store(uri):
+        return None
+    bucket, _ = S3Storage.split(uri)
+    if not bucket:
+        return f"{uri!r} names no bucket; expected s3://bucket/prefix"
+    # S3's bucket naming rules (MinIO keeps them too).
+    if (not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) or ".." in bucket
+            or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket)):
+        return (f"{bucket!r} in {uri!r} is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots "
+                f"and hyphens, beginning and ending with a letter or digit, not an IP address")
+    return None
+
+
 class Storage(Protocol):
     """What the job may do with a URI. Each method says what a reader
     elsewhere (another process, a resumed run) can see while it runs; every
-    failure is a StorageError naming the URI, never the credentials."""
+    failure is a StorageError naming the URI and the cause, never the
+    credentials, and saying whether waiting may mend it (`transient`)."""
+
+    def probe(self, uri: str) -> None:
+        """Write and remove a small marker under `uri`: fails as a write there would."""
 
     def read_bytes(self, uri: str) -> bytes | None:
         """The object's bytes, or None if there is none."""
@@ -87,23 +202,46 @@ class LocalStorage:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(f"cannot read {uri}: {exc.strerror}") from None
+            raise local_error("read", uri, exc) from None
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = Path(uri)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
             tmp.write_bytes(data)
             # rename is atomic on POSIX: readers see the old file or the new, never half.
             os.replace(tmp, path)
         except OSError as exc:
-            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
+            raise local_error("write", uri, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)  # what a full disk cut short
 
     def staging(self, uri: str) -> Path:
-        # Staged beside the destination so that publishing is a rename.
-        Path(uri).mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=uri))
+        # Staged beside the destination so that publishing is a rename. A plain
+        # mkdir, not mkdtemp: mkdtemp's 0700 would travel with the rename and
+        # hide a published version from a service running as another user.
+        staged = Path(uri) / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        try:
+            staged.mkdir(parents=True)
+        except OSError as exc:
+            raise local_error("create", staged, exc) from None
+        return staged
+
+    def probe(self, uri: str) -> None:
+        """Create `uri` as a folder if need be, then write and remove a small
+        marker in it: a StorageError if the job could not write there."""
+        marker = Path(uri) / f"{_PROBE_PREFIX}{uuid.uuid4().hex}"
+        if marker.parent.exists() and not marker.parent.is_dir():
+            raise StorageError(f"cannot write {uri}: it is a file, not a folder", transient=False)
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                marker.write_bytes(b"the job checks it can write here\n")
+            finally:
+                marker.unlink(missing_ok=True)
+        except OSError as exc:
+            raise local_error("write", marker.parent, exc) from None
 
     def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
         """Move a staged directory to `uri` in one step.
@@ -113,18 +251,22 @@ class LocalStorage:
         overwrite each other.
         """
         dest = Path(uri)
-        if replace and dest.exists():
-            shutil.rmtree(dest)
         try:
+            readable_by_others(staged)
+            if replace and dest.exists():
+                shutil.rmtree(dest)
             os.rename(staged, dest)
         except OSError as exc:
-            if dest.exists():
+            if dest.exists() and not replace:
                 raise FileExistsError(uri) from None
-            raise StorageError(f"cannot publish {uri}: {exc.strerror}") from None
+            raise local_error("publish", uri, exc) from None
 
     def working_dir(self, uri: str) -> Path:
         """A local directory whose files end up at `uri` (for local URIs, itself)."""
-        Path(uri).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(uri).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise local_error("create", uri, exc) from None
         return Path(uri)
 
     def sync(self, uri: str) -> None:
@@ -134,13 +276,19 @@ class LocalStorage:
         root = Path(uri)
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        try:
+            return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as exc:
+            raise local_error("list", uri, exc) from None
 
     def delete(self, uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
     def delete_object(self, uri: str) -> None:
-        Path(uri).unlink(missing_ok=True)
+        try:
+            Path(uri).unlink(missing_ok=True)
+        except OSError as exc:
+            raise local_error("delete", uri, exc) from None
 
     def cached_copy(self, uri: str, cache_dir: Path, wanted: Callable[[str], bool] | None = None) -> Path:
         return Path(uri).expanduser()
@@ -170,7 +318,7 @@ class LocalStorage:
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
         except OSError as exc:
-            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
+            raise local_error("write", uri, exc) from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -207,13 +355,22 @@ class S3Storage:
         return bucket, key.strip("/")
 
     def _call(self, uri: str, what: str, fn, *args, **kwargs):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "error")
-            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {code}") from None
+        except (ClientError, S3UploadFailedError) as exc:
+            # boto3's transfer manager (upload_file) wraps the ClientError it met.
+            error = exc if isinstance(exc, ClientError) else exc.__context__
+            if not isinstance(error, ClientError):
+                raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {exc}") from None
+            code = error.response.get("Error", {}).get("Code", "error")
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            # A refusal (NoSuchBucket, AccessDenied, a quota) stays one; the
+            # server's own trouble and throttling pass.
+            transient = status >= 500 or status in (408, 429)
+            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {code}", transient) from None
         except BotoCoreError as exc:
             # botocore's messages name the endpoint, never the credentials.
             raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {exc}") from None
@@ -230,7 +387,17 @@ class S3Storage:
                    ChecksumAlgorithm="SHA256")
 
     def staging(self, uri: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix="cifar-staging-"))
+        try:
+            return Path(tempfile.mkdtemp(prefix="cifar-staging-"))
+        except OSError as exc:
+            raise local_error("create", tempfile.gettempdir(), exc) from None
+
+    def probe(self, uri: str) -> None:
+        """Put and delete a small marker under `uri`: a StorageError if the
+        bucket does not exist or the job could not write there."""
+        marker = join(uri, f"{_PROBE_PREFIX}{uuid.uuid4().hex}")
+        self.write_bytes(marker, b"the job checks it can write here\n")
+        self.delete_object(marker)
 
     def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
         bucket, key = self.split(uri)
@@ -418,7 +585,34 @@ def is_object_store(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def backend(uri: str) -> Storage:
+class _Named:
+    """A Storage whose failures lead with the config key that chose the
+    location (`checkpoint.uri: cannot write ...`), whichever method failed."""
+
+    def __init__(self, inner: Storage, key: str):
+        self._inner, self.key = inner, key
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except StorageError as exc:
+                raise exc.named(self.key) from None
+
+        return call
+
+
+def backend(uri: str, key: str | None = None) -> Storage:
+    """The Storage for `uri`; with `key`, one whose errors name that config key."""
+    return _Named(_backend(uri), key) if key else _backend(uri)
+
+
+def _backend(uri: str) -> Storage:
     if is_object_store(uri):
         # One client per set of boto3 settings: clients are thread-safe and
         # slow to make, and the settings are read from the environment.

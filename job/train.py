@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ def run(cfg: Config, console: Console) -> Result:
         console.info("warning: train.mixed_precision is on but this host has no GPU: CPUs run float16 "
                      "convolutions about 100x slower than float32; set train.mixed_precision=false here")
     configure_determinism(cfg)
+    if cluster.is_chief:  # the only worker that writes
+        check_locations(cfg, console)
     uploader = Uploader(cfg.checkpoint.retry_seconds)
     store = CheckpointStore(cfg.checkpoint.uri, cfg.checkpoint.keep, uploader)
     # Only the chief writes; the other workers read the committed checkpoint
@@ -170,6 +173,31 @@ def _run(cfg: Config, console: Console, cluster: distribute.Cluster, store: Chec
         console.info(f"trained to step {step}; the chief evaluates and exports")
         return Result(step, math.nan, math.nan, None, None)
     return _finish(cfg, console, cluster, store, parts, checkpointer, splits)
+
+
+# -- Locations ---------------------------------------------------------------
+
+def locations(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, URI) of every location a run writes: checkpoints,
+    latest.json, the lease, metrics.jsonl, curves.png and TensorBoard's files
+    under checkpoint.uri; versions under export.uri's model folder; and, for
+    s3://, the local folder where files are staged before they go up."""
+    found = [("checkpoint.uri", cfg.checkpoint.uri),
+             ("export.uri", storage.join(cfg.export.uri, cfg.export.model_name))]
+    if any(storage.is_object_store(uri) for _, uri in found):
+        found.append(("TMPDIR", tempfile.gettempdir()))
+    return found
+
+
+def check_locations(cfg: Config, console: Console) -> None:
+    """Write (and remove) a marker in every location the run will write,
+    before anything is built: a location it cannot write then costs seconds
+    (exit 4, naming its key), not a whole training run that cannot be kept."""
+    started = time.perf_counter()
+    for key, uri in locations(cfg):
+        storage.backend(uri, key).probe(uri)
+    console.info(f"storage: can write {', '.join(key for key, _ in locations(cfg))} "
+                 f"(checked in {time.perf_counter() - started:.2f}s)")
 
 
 # -- Resume or finished ------------------------------------------------------
@@ -509,7 +537,7 @@ def _finish(cfg: Config, console: Console, cluster: distribute.Cluster, store: C
         "distribution": {"strategy": cluster.name, "workers": cluster.workers, "replicas": cluster.replicas},
     }
     version, uri = export.export(served, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
-                                 splits.class_names)
+                                 splits.class_names, cfg.checkpoint.retry_seconds)
     console.info(f"exported model version {version} to {uri}")
     store.update(checkpointer.record, finished=True, export={"version": version, "uri": uri,
                                                              "test_accuracy": test_acc, "test_loss": test_loss})
@@ -602,7 +630,7 @@ def _checkpoint_at(uri: str, field: str, store: CheckpointStore) -> tuple[Checkp
     run's checkpoint.uri means its newest checkpoint, `.../ckpt-<step>` that one."""
     named = re.fullmatch(r"(.+)/ckpt-(\d+)/?", uri)
     run_uri = named.group(1) if named else uri
-    holder = store if run_uri.rstrip("/") == store.uri.rstrip("/") else store.at(run_uri)
+    holder = store if run_uri.rstrip("/") == store.uri.rstrip("/") else store.at(run_uri, field)
     if named:
         step = int(named.group(2))
     else:
