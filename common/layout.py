@@ -100,10 +100,19 @@ def published(keys: Iterable[str]) -> list[str]:
 
 
 def local_versions(base: Path) -> list[int]:
-    """Complete version numbers in a local model base, ascending."""
+    """Complete version numbers in a local model base, ascending. A version this
+    process may not look into counts: loading it then fails and says why,
+    instead of the whole listing failing (Python raises PermissionError there)."""
     if not Path(base).is_dir():
         return []
-    return sorted(int(p.name) for p in Path(base).iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
+    return sorted(int(p.name) for p in Path(base).iterdir() if p.name.isdigit() and _complete(p))
+
+
+def _complete(version_dir: Path) -> bool:
+    try:
+        return (version_dir / "saved_model.pb").is_file()
+    except PermissionError:
+        return True
 
 
 def write_labels(path: Path, class_names: Iterable[str]) -> None:

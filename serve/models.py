@@ -26,20 +26,7 @@ def versions(base: str) -> list[int]:
                 for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
                 for obj in page.get("Contents", [])]
         return sorted(int(name) for name in layout.published(keys) if name.isdigit())
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and _complete(p))
-
-
-def _complete(version_dir: Path) -> bool:
-    """Whether a local version is whole (has its saved_model.pb), as common/layout.py
-    decides; one this process may not look into counts, so that loading it fails and
-    says why, instead of the whole listing failing."""
-    try:
-        return (version_dir / "saved_model.pb").is_file()
-    except PermissionError:
-        return True
+    return layout.local_versions(Path(base))
 
 
 def where(base: str, version: int) -> str:
