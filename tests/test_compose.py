@@ -30,7 +30,8 @@ from PIL import Image
 
 from helpers import AGREEMENT_RUN, assert_agree, free_port, wait_until
 
-pytestmark = pytest.mark.slow
+# The first test also builds the images: minutes on a cold Docker cache.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["docker-compose.yml", "tests/compose/docker-compose.test.yml"]
