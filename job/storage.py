@@ -229,19 +229,25 @@ class LocalStorage:
         return staged
 
     def probe(self, uri: str) -> None:
-        """Create `uri` as a folder if need be, then write and remove a small
-        marker in it: a StorageError if the job could not write there."""
-        marker = Path(uri) / f"{_PROBE_PREFIX}{uuid.uuid4().hex}"
-        if marker.parent.exists() and not marker.parent.is_dir():
+        """Write and remove a small marker in `uri`, creating the folders it
+        needs and removing them after: a StorageError if the job could not
+        write there. A run that then fails (bad data) leaves nothing behind."""
+        folder = Path(uri)
+        if folder.exists() and not folder.is_dir():
             raise StorageError(f"cannot write {uri}: it is a file, not a folder", transient=False)
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        marker = folder / f"{_PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                marker.write_bytes(b"the job checks it can write here\n")
-            finally:
-                marker.unlink(missing_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"the job checks it can write here\n")
         except OSError as exc:
-            raise local_error("write", marker.parent, exc) from None
+            raise local_error("write", folder, exc) from None
+        finally:
+            with contextlib.suppress(OSError):
+                marker.unlink()
+            for made in missing:  # deepest first; a folder something else filled meanwhile stays
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
     def publish(self, staged: Path, uri: str, replace: bool = False) -> None:
         """Move a staged directory to `uri` in one step.
