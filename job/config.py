@@ -111,7 +111,7 @@ class Model(Section):
                     "passes). It is the model's own inference, so validation, the test figure and the exported "
                     "model all include it, at that many times the cost per image.",
     )
-    init_from: Location | None = Field(
+    init_from: Annotated[str | None, AfterValidator(_location)] = Field(
         None,
         description="Start a new run from another run's weights: its `checkpoint.uri` (its newest checkpoint) or "
                     "one of its `.../ckpt-<step>` directories. The network must match (`model.name`, "
