@@ -24,12 +24,10 @@ from serve import backends, metrics
 from serve.batching import Batcher, Overloaded, request_ids
 from serve.images import BadInput
 from serve.jsonio import OrjsonProvider
-from serve.settings import Settings
+from serve.routes import health, pages, sagemaker, tfserving_rest, upload, v2
+from serve.settings import PROTECTED_PREFIXES, Settings
 
 log = logging.getLogger("serve")
-
-# Routes that run the model; health, metrics and docs stay open.
-PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict", "/invocations")
 
 
 class ModelName(BaseConverter):
@@ -77,8 +75,6 @@ def create_app(settings: Settings | None = None, backend: backends.Backend | Non
     app.extensions["draining"] = threading.Event()  # set on SIGTERM by serve/workers.py
     if settings.cors_origins:
         CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
-
-    from serve.routes import health, pages, sagemaker, tfserving_rest, upload, v2
 
     for blueprint in (health, tfserving_rest, v2, upload, sagemaker, pages):
         app.register_blueprint(blueprint)

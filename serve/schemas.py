@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 from flask import Flask
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve.app import PROTECTED_PREFIXES
+from serve.settings import PROTECTED_PREFIXES
 
 
 class Strict(BaseModel):

@@ -27,6 +27,9 @@ WORKER_MEMORY = 512 * 2**20
 CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 MEMINFO = Path("/proc/meminfo")
 
+# Routes that run the model, which SERVE_API_KEYS guard; health, metrics and docs stay open.
+PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict", "/invocations")
+
 
 def memory_for_workers() -> int | None:
     """Bytes the service may use: the lower of the cgroup's memory limit and
