@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
-from serve import images, metrics, schemas
+from serve import images, metrics, openapi as openapi_document, schemas
 from serve.backends import Unavailable
 from serve.images import BadInput
 
@@ -385,7 +385,7 @@ def prometheus():
 
 @pages.get("/openapi.json")
 def openapi():
-    return jsonify(schemas.openapi(current_app))
+    return jsonify(openapi_document.document(current_app))
 
 
 @pages.get("/docs")

@@ -10,13 +10,13 @@ from urllib.parse import urljoin
 import pytest
 from openapi_spec_validator import validate
 
-from serve import schemas
+from serve import openapi, schemas
 from serve.app import create_app
 from serve.settings import Settings
 import test_serve_page
 
 NAME = "cifar10"
-# What the OpenAPI path of a Flask rule is, worked out here independently of serve.schemas.
+# What the OpenAPI path of a Flask rule is, worked out here independently of serve.openapi.
 FLASK_VARIABLE = re.compile(r"<(?:[^:<>]+:)?([^:<>]+)>")
 EXAMPLE_ARGUMENTS = {"name": NAME, "version": "1", "label": "stable"}
 browser = test_serve_page.browser  # the fixture: headless chromium, or a skip where it is not installed
@@ -42,7 +42,7 @@ def spec(app):
 
 
 def api_rules(app):
-    return [rule for rule in app.url_map.iter_rules() if not schemas.is_static(rule.endpoint)]
+    return [rule for rule in app.url_map.iter_rules() if not openapi.is_static(rule.endpoint)]
 
 
 def operations(spec):
@@ -58,7 +58,7 @@ def test_every_route_and_method_is_documented(app, spec):
     served = {(FLASK_VARIABLE.sub(r"{\1}", rule.rule), method)
               for rule in api_rules(app) for method in rule.methods - {"HEAD", "OPTIONS"}}
     missing = served - operations(spec)
-    assert not missing, f"routes missing from /openapi.json (add the view to serve.schemas.ROUTES): {missing}"
+    assert not missing, f"routes missing from /openapi.json (add the view to serve.openapi.ROUTES): {missing}"
     assert ("/v1/models/{name}/versions/{version}:predict", "POST") in served  # the converters and the suffix
 
 
@@ -68,11 +68,11 @@ def test_every_documented_operation_is_served(app, spec):
         declared = {p["name"] for p in spec["paths"][path][method.lower()]["parameters"]}
         assert declared == set(re.findall(r"{(\w+)}", path)), path
         endpoint, _ = adapter.match(re.sub(r"{(\w+)}", lambda m: EXAMPLE_ARGUMENTS[m[1]], path), method=method)
-        assert not schemas.is_static(endpoint), (path, method)
+        assert not openapi.is_static(endpoint), (path, method)
 
 
 def test_every_entry_in_routes_belongs_to_a_view(app):
-    assert set(schemas.ROUTES) == {app.view_functions[rule.endpoint].__name__ for rule in api_rules(app)}
+    assert set(openapi.ROUTES) == {app.view_functions[rule.endpoint].__name__ for rule in api_rules(app)}
 
 
 def test_bodies_are_the_pydantic_models(spec):
