@@ -1,5 +1,6 @@
 """The Flask application factory: cross-cutting concerns (request ids, API
-keys, CORS, limits, metrics, errors) here; the routes in routes.py.
+keys, CORS, limits, metrics, errors) here; the routes in a module per
+protocol (health, v1, v2, sagemaker, page, openapi).
 
 Every error a client can cause is a 4xx with `{"error": "..."}`; anything
 else is logged with its traceback and answered as a bare 500, never with
@@ -20,11 +21,10 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from serve import backends, metrics
+from serve import backends, health, metrics, openapi, page, sagemaker, v1, v2
 from serve.batching import Batcher, Overloaded, request_ids
 from serve.images import BadInput
 from serve.jsonio import OrjsonProvider
-from serve.routes import health, pages, sagemaker, tfserving_rest, upload, v2
 from serve.settings import PROTECTED_PREFIXES, Settings
 
 log = logging.getLogger("serve")
@@ -76,8 +76,8 @@ def create_app(settings: Settings | None = None, backend: backends.Backend | Non
     if settings.cors_origins:
         CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
 
-    for blueprint in (health, tfserving_rest, v2, upload, sagemaker, pages):
-        app.register_blueprint(blueprint)
+    for protocol in (health, v1, v2, sagemaker, page, openapi):
+        app.register_blueprint(protocol.bp)
 
     @app.before_request
     def _start():

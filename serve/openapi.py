@@ -1,12 +1,12 @@
-"""The OpenAPI document, generated from the app's URL map, the pydantic
-models of serve/schemas.py and one entry per view in ROUTES."""
+"""The OpenAPI document at /openapi.json, generated from the app's URL map,
+the pydantic models of serve/schemas.py and one entry per view in ROUTES."""
 
 from __future__ import annotations
 
 import re
 from typing import Any, NamedTuple
 
-from flask import Flask
+from flask import Blueprint, Flask, current_app, jsonify
 from pydantic import BaseModel
 
 from serve.schemas import (
@@ -26,6 +26,8 @@ from serve.schemas import (
     V2Server,
 )
 from serve.settings import PROTECTED_PREFIXES
+
+bp = Blueprint("openapi", __name__)
 
 # A body or an answer: a model (as JSON), or a schema (a model or a plain dict) per media type.
 Body = type[BaseModel] | dict[str, Any] | None
@@ -142,3 +144,8 @@ def document(app: Flask) -> dict:
         "paths": paths,
         "components": {"schemas": dict(sorted(components.items())), **security},
     }
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(document(current_app))
