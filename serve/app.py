@@ -22,9 +22,10 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from serve import backends, health, metrics, openapi, page, sagemaker, v1, v2
-from serve.batching import Batcher, Overloaded, request_ids
+from serve.batching import Overloaded, request_ids
 from serve.images import BadInput
 from serve.jsonio import OrjsonProvider
+from serve.predictor import Predictor
 from serve.settings import PROTECTED_PREFIXES, Settings
 
 log = logging.getLogger("serve")
@@ -32,33 +33,6 @@ log = logging.getLogger("serve")
 
 class ModelName(BaseConverter):
     regex = r"[^/:]+"
-
-
-class Predictor:
-    """The backend behind the batcher; what the routes call."""
-
-    def __init__(self, settings: Settings, backend=None):
-        self.settings = settings
-        self.backend = backend or _backend(settings)
-        self.batcher = Batcher(self.backend.predict, settings.max_batch_size, settings.batch_timeout_ms,
-                               settings.max_queue, on_batch=metrics.BATCH_SIZE.observe)
-
-    def predict(self, images):
-        if len(images) > self.settings.max_instances:
-            raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_instances}")
-        probabilities, loaded = self.batcher.predict(images, timeout=self.settings.request_timeout_s)
-        metrics.MODEL_VERSION.set(loaded.version)
-        return probabilities, loaded
-
-
-def _backend(settings: Settings) -> backends.Backend:
-    if settings.backend == "tfserving":
-        from serve.tfserving import TFServing  # gRPC and TF Serving's protos: only for this backend
-
-        return TFServing(settings)
-    from serve.inprocess import InProcess
-
-    return InProcess(settings)
 
 
 def create_app(settings: Settings | None = None, backend: backends.Backend | None = None) -> Flask:

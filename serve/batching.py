@@ -27,7 +27,8 @@ class Overloaded(Exception):
 
 class Batcher:
     def __init__(self, run, max_batch_size: int, batch_timeout_ms: float, max_queue: int, on_batch=None):
-        """`run(images) -> (outputs, info)` is called on one thread with up to `max_batch_size` images."""
+        """`run(images) -> (outputs, info)` is called on one thread with up to `max_batch_size` images:
+        a uint8 array, or a list of encoded images, as the requests sent them."""
         self.run = run
         self.max_batch_size = max_batch_size
         self.timeout = batch_timeout_ms / 1000
@@ -77,7 +78,9 @@ class Batcher:
             return
         request_ids.set(tuple(i for _, _, ids in live for i in ids))
         try:
-            images = np.concatenate([images for images, _, _ in live])
+            parts = [images for images, _, _ in live]
+            # Encoded images stay a list: numpy's bytes arrays would drop a file's trailing NULs.
+            images = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for p in parts for x in p]
             self.on_batch(len(images))
             outputs, info = self.run(images)
         except Exception as exc:  # handed to every waiting request, which maps it to a status;

@@ -4,14 +4,14 @@ served, whether it is ready, a body checked against its pydantic model."""
 
 from __future__ import annotations
 
-import numpy as np
 from flask import abort, current_app, request
 from pydantic import BaseModel, ValidationError
 
 from serve.images import BadInput
+from serve.predictor import Predictor
 
 
-def predictor():
+def predictor() -> Predictor:
     return current_app.extensions["predictor"]
 
 
@@ -50,9 +50,3 @@ def validated(model: type[BaseModel], data):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadInput(f"{where}: {first['msg']}") from None
-
-
-def outputs(answered: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The outputs the model answered, in name order as TF Serving writes them, strings as text."""
-    return {name: np.array([v.decode() for v in value], dtype=object) if value.dtype == object else value
-            for name, value in sorted(answered.items())}

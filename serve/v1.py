@@ -108,13 +108,7 @@ def v1_predict(name, version=None, label=None):
     else:
         _loaded_or_404(name, version, label)
     inputs, columnar = decode(dataplane.json_body())
-    if isinstance(inputs, list):
-        limit = dataplane.predictor().settings.max_instances
-        if len(inputs) > limit:
-            raise BadInput(f"{len(inputs)} images in one request; at most {limit}")
-        answered, served = dataplane.predictor().backend.predict_bytes(inputs)
-    else:
-        answered, served = dataplane.predictor().predict(inputs)
+    answered, served = dataplane.predictor().predict(inputs)
     if version is not None and served.version != version:  # swapped while this request waited
         abort(404, f"Servable not found for request: Specific({name}, {version})")
-    return jsonify(encode(dataplane.outputs(answered), columnar)), 200, {"X-Model-Version": str(served.version)}
+    return jsonify(encode(answered, columnar)), 200, {"X-Model-Version": str(served.version)}

@@ -154,7 +154,7 @@ def v2_infer(name, version=None):
     answered, loaded = dataplane.predictor().predict(batch)
     if version is not None and version != str(loaded.version):  # swapped while this request waited
         abort(404, f"model {name!r} version {version} is not loaded")
-    answer, payload = encode(body, dataplane.outputs(answered), name, str(loaded.version))
+    answer, payload = encode(body, answered, name, str(loaded.version))
     if not payload:
         return jsonify(answer)
     header = json.dumps(answer).encode()
