@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
@@ -49,62 +49,66 @@ def create_app(settings: Settings | None = None, backend: backends.Backend | Non
     app.extensions["draining"] = threading.Event()  # set on SIGTERM by serve/workers.py
     if settings.cors_origins:
         CORS(app, origins=settings.cors_origins, expose_headers=["X-Request-ID", "X-Model-Version"])
-
     for protocol in (health, v1, v2, sagemaker, page, openapi):
         app.register_blueprint(protocol.bp)
-
-    @app.before_request
-    def _start():
-        g.started = time.perf_counter()
-        # A client's id is echoed in a header and the log: printable ASCII only, so it can split neither.
-        given = "".join(c for c in request.headers.get("X-Request-ID", "")[:128] if " " < c < "\x7f")
-        g.request_id = given or uuid.uuid4().hex
-        request_ids.set((g.request_id,))  # for the model call, which may run on the batcher's thread
-        if settings.api_keys and request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
-            given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix(
-                "Bearer ")
-            # Every key is compared, in constant time, so timing tells nothing about which is close.
-            matches = [hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys]
-            if not any(matches):
-                return jsonify(error="missing or wrong API key (send X-API-Key or Authorization: Bearer)"), 401
-
-    @app.after_request
-    def _finish(response):
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUESTS.labels(route, request.method, response.status_code).inc()
-        metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        # The access log line (with this request id) is gunicorn's: see gunicorn_conf.access_log_format.
-        return response
-
-    @app.errorhandler(BadInput)
-    def _bad_input(exc):
-        return jsonify(error=str(exc)), 400
-
-    @app.errorhandler(Overloaded)
-    def _overloaded(exc):
-        return jsonify(error=str(exc)), 503, {"Retry-After": "1"}
-
-    @app.errorhandler(backends.Unavailable)
-    def _unavailable(exc):
-        return jsonify(error=str(exc)), 503, {"Retry-After": "5"}
-
-    @app.errorhandler(backends.UpstreamError)
-    def _upstream(exc):
-        return jsonify(error=str(exc)), exc.status
-
-    @app.errorhandler(concurrent.futures.TimeoutError)
-    def _timeout(exc):
-        return jsonify(error=f"no answer within {settings.request_timeout_s:g}s"), 504
-
-    @app.errorhandler(HTTPException)
-    def _http(exc):
-        messages = {413: f"the body is larger than {settings.max_body_bytes} bytes"}
-        return jsonify(error=messages.get(exc.code, exc.description)), exc.code
-
-    @app.errorhandler(Exception)
-    def _bug(exc):
-        log.exception("unhandled error on %s %s (request_id=%s)", request.method, request.path, g.get("request_id"))
-        return jsonify(error=f"internal error (request id {g.get('request_id')})"), 500
-
+    app.before_request(start_request)
+    app.before_request(check_api_key)
+    app.after_request(finish_request)
+    for error, handler in ERROR_HANDLERS.items():
+        app.register_error_handler(error, handler)
     return app
+
+
+def start_request():
+    g.started = time.perf_counter()
+    # A client's id is echoed in a header and the log: printable ASCII only, so it can split neither.
+    given = "".join(c for c in request.headers.get("X-Request-ID", "")[:128] if " " < c < "\x7f")
+    g.request_id = given or uuid.uuid4().hex
+    request_ids.set((g.request_id,))  # for the model call, which may run on the batcher's thread
+
+
+def check_api_key():
+    """A 401 for a model route without one of SERVE_API_KEYS, when there are any."""
+    keys = current_app.extensions["settings"].api_keys
+    if not keys or not request.path.startswith(PROTECTED_PREFIXES) or request.method == "OPTIONS":
+        return None
+    given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+    # Every key is compared, in constant time, so timing tells nothing about which is close.
+    if not any([hmac.compare_digest(given.encode(), key.encode()) for key in keys]):
+        return jsonify(error="missing or wrong API key (send X-API-Key or Authorization: Bearer)"), 401
+    return None
+
+
+def finish_request(response):
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    metrics.REQUESTS.labels(route, request.method, response.status_code).inc()
+    metrics.LATENCY.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+    # The access log line (with this request id) is gunicorn's: see gunicorn_conf.access_log_format.
+    return response
+
+
+def timed_out(exc):
+    return jsonify(error=f"no answer within {current_app.extensions['settings'].request_timeout_s:g}s"), 504
+
+
+def http_error(exc):
+    messages = {413: f"the body is larger than {current_app.extensions['settings'].max_body_bytes} bytes"}
+    return jsonify(error=messages.get(exc.code, exc.description)), exc.code
+
+
+def bug(exc):
+    log.exception("unhandled error on %s %s (request_id=%s)", request.method, request.path, g.get("request_id"))
+    return jsonify(error=f"internal error (request id {g.get('request_id')})"), 500
+
+
+# Each exception as the answer a client gets; Flask picks the most specific class.
+ERROR_HANDLERS = {
+    BadInput: lambda exc: (jsonify(error=str(exc)), 400),
+    Overloaded: lambda exc: (jsonify(error=str(exc)), 503, {"Retry-After": "1"}),
+    backends.Unavailable: lambda exc: (jsonify(error=str(exc)), 503, {"Retry-After": "5"}),
+    backends.UpstreamError: lambda exc: (jsonify(error=str(exc)), exc.status),
+    concurrent.futures.TimeoutError: timed_out,
+    HTTPException: http_error,
+    Exception: bug,
+}
