@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common import layout
-from serve import models
+from serve import store
 
 # The record is the same SavedModel graph's own output, so what remains is
 # another machine's kernels (CPU vs GPU, oneDNN's AVX-512 vs AMX): float32
@@ -26,7 +26,7 @@ from serve import models
 PROBE_ATOL = 1e-4
 
 
-class Refused(models.VersionError):
+class Refused(store.VersionError):
     """A version that must not be served; `reason` labels the refusal metric."""
 
     def __init__(self, message: str, reason: str):
@@ -37,14 +37,14 @@ class Refused(models.VersionError):
 @contextlib.contextmanager
 def loadable():
     """Whatever loading a version raises (TensorFlow on files it may not read or
-    that are no SavedModel) as a models.VersionError: the version's own fault,
+    that are no SavedModel) as a store.VersionError: the version's own fault,
     refused until its files change, not the store's, tried again at the next poll."""
     try:
         yield
-    except models.VersionError:
+    except store.VersionError:
         raise
     except Exception as exc:
-        raise models.VersionError(f"cannot be loaded: {models.describe(exc)}") from exc
+        raise store.VersionError(f"cannot be loaded: {store.describe(exc)}") from exc
 
 
 def load(path: Path):

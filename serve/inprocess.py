@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from serve import checks, metrics, models, rollout
+from serve import checks, metrics, rollout, store
 from common import layout
 from serve.backends import Loaded, Unavailable
 from serve.images import BadInput
@@ -43,7 +43,7 @@ class InProcess:
         # active yet: until then it takes no connections (serve/workers.py), so it does not
         # answer 503 while it loads what the others answer with, nor hang on a store it cannot read.
         self.joined = threading.Event()
-        # version -> models.fingerprint of the files refused: refused (and logged) once, not at every poll.
+        # version -> store.fingerprint of the files refused: refused (and logged) once, not at every poll.
         self._refused: dict[int, str] = {}
         # version (None: the store) -> the cause it failed with, so that a failure tried again at every
         # poll is logged when it starts or changes, not each time.
@@ -66,7 +66,7 @@ class InProcess:
     def refresh(self) -> None:
         if self.rollout.active() is None:
             self.joined.set()  # nothing served yet, so nothing to hold first: answer now, however long listing takes
-        found = models.versions(self.base)
+        found = store.versions(self.base)
         self._recovered(None)
         self.found = found
         # A withdrawn version's trouble is over; were it published again, it is tried and told again.
@@ -110,11 +110,11 @@ class InProcess:
             return True
         stamp = None
         try:
-            stamp = models.fingerprint(self.base, version)
+            stamp = store.fingerprint(self.base, version)
             if self._refused.get(version) == stamp:
                 return False
             loaded = self._load(version)
-        except models.VersionError as exc:
+        except store.VersionError as exc:
             self._refuse(version, stamp, exc)
             return False
         except Exception as exc:
@@ -132,11 +132,11 @@ class InProcess:
         log.info("%s version %d loaded in this worker", self.name, version)
         return True
 
-    def _refuse(self, version: int, stamp: str | None, exc: models.VersionError) -> None:
+    def _refuse(self, version: int, stamp: str | None, exc: store.VersionError) -> None:
         """A version whose files cannot be served: the service logs and counts it once."""
         self._refused[version] = stamp
         reason = getattr(exc, "reason", "unloadable")
-        where = models.where(self.base, version)
+        where = store.where(self.base, version)
         self.problems[version] = f"version {version} ({where}) refused: {exc}"
         metrics.MODEL_REFRESH_FAILURES.inc()
         if self.rollout.first_to_tell(f"refused-{version}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:16]}"):
@@ -146,13 +146,13 @@ class InProcess:
     def _failed(self, version: int | None, exc: Exception) -> None:
         """A failure tried again at the next poll: logged when it starts or its cause changes."""
         what = (f"listing {self.name} versions under {self.base}" if version is None
-                else f"loading {self.name} version {version} from {models.where(self.base, version)}")
-        self.problems[version] = f"{what} failed: {models.describe(exc)}"
+                else f"loading {self.name} version {version} from {store.where(self.base, version)}")
+        self.problems[version] = f"{what} failed: {store.describe(exc)}"
         metrics.MODEL_REFRESH_FAILURES.inc()
         if self._failing.get(version) != _cause(exc):
             self._failing[version] = _cause(exc)
             log.warning("%s failed (tried again every %gs): %s", what, self.settings.poll_seconds,
-                        models.describe(exc))
+                        store.describe(exc))
 
     def _recovered(self, version: int | None) -> None:
         self.problems.pop(version, None)
@@ -172,7 +172,7 @@ class InProcess:
             self.rollout.publish(self.held, target)
 
     def _load(self, version: int) -> Loaded:
-        path = models.local_path(self.base, version, self.settings.cache_dir)
+        path = store.local_path(self.base, version, self.settings.cache_dir)
         with checks.loadable():
             return self._open(version, path)
 

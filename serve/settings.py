@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from serve import models
+from serve import store
 
 # Where SageMaker unpacks an endpoint's model.tar.gz; a job trained on
 # SageMaker exported into the same path (SM_MODEL_DIR), so the archive holds
@@ -61,8 +61,8 @@ def _sagemaker_model_uri() -> str | None:
     root = SAGEMAKER_MODEL_DIR
     if not root.is_dir():
         return None
-    named = [p for p in sorted(root.iterdir()) if models.versions(str(p))]
-    if len(named) == 1 and not models.versions(str(root)):
+    named = [p for p in sorted(root.iterdir()) if store.versions(str(p))]
+    if len(named) == 1 and not store.versions(str(root)):
         return str(named[0])
     # Bare versions, or nothing servable yet: the service starts and /ping says 503 until there is.
     return str(root)

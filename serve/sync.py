@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from common import layout
-from serve import checks, models
+from serve import checks, store
 
 log = logging.getLogger("serve.sync")
 
@@ -29,28 +29,28 @@ def sync_once(source: str, dest: Path, min_accuracy: float | None = None,
               refused: dict[int, str] | None = None) -> list[int]:
     """Copy the versions under `source` that `dest` lacks; returns those copied.
 
-    A damaged version, or one failing a check, is refused (models.VersionError,
+    A damaged version, or one failing a check, is refused (store.VersionError,
     after the others are copied): TF Serving keeps the versions it has, and one
     bad version does not hold back the newer ones. Refusals are noted in
-    `refused` (version -> models.fingerprint): a version refused before is
+    `refused` (version -> store.fingerprint): a version refused before is
     neither fetched nor told again until its files change.
     """
     refused = {} if refused is None else refused
     dest.mkdir(parents=True, exist_ok=True)
     have = {int(p.name) for p in dest.iterdir() if p.name.isdigit()}
     copied, refusals = [], []
-    for version in models.versions(source):
+    for version in store.versions(source):
         if version in have:
             continue
-        stamp = models.fingerprint(source, version)
+        stamp = store.fingerprint(source, version)
         if refused.get(version) == stamp:
             continue
         staging = dest / f".sync-{version}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            downloaded = models.local_path(source, version, str(staging))
+            downloaded = store.local_path(source, version, str(staging))
             _check(downloaded, min_accuracy)
-        except models.VersionError as exc:
+        except store.VersionError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             log.error("refused version %d of %s: %s", version, source, exc)
             refused[version] = stamp
@@ -64,7 +64,7 @@ def sync_once(source: str, dest: Path, min_accuracy: float | None = None,
         log.info("synced version %d of %s into %s", version, source, dest)
         copied.append(version)
     if refusals:
-        raise models.VersionError("; ".join(refusals))
+        raise store.VersionError("; ".join(refusals))
     return copied
 
 
@@ -88,7 +88,7 @@ def run(source: str, dest: Path, every: float, once: bool, heartbeat: Path | Non
         try:
             sync_once(source, dest, min_accuracy, refused)
             outage = None
-        except models.VersionError:  # versions refused, each told by sync_once: the store answers
+        except store.VersionError:  # versions refused, each told by sync_once: the store answers
             if once:
                 raise
             outage = None

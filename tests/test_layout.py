@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from common import layout
 from job import export, model
-from serve import checks, models
+from serve import checks, store
 
 PROBE = np.random.default_rng(2).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
 NAMES = tuple(f"class {i}" for i in range(10))  # a space in each: one name per line, as written
@@ -37,7 +37,7 @@ def test_an_export_has_every_file_and_name_the_layout_promises(tmp_path, net):
     assert set(signatures[layout.SIGNATURE].outputs) == {layout.PROBABILITIES, layout.CLASS_ID, layout.LABEL}
     assert set(signatures[layout.BYTES_SIGNATURE].inputs) == {layout.BYTES_INPUT}
     # The reading side finds it and passes its own checks on it.
-    assert models.versions(str(tmp_path / "cifar10")) == [version]
+    assert store.versions(str(tmp_path / "cifar10")) == [version]
     served = tf.saved_model.load(str(root)).signatures[layout.SIGNATURE]
     assert checks.check(root, served) is True
 
@@ -45,8 +45,8 @@ def test_an_export_has_every_file_and_name_the_layout_promises(tmp_path, net):
 def test_a_version_published_on_s3_is_read_back_through_its_manifest(s3, tmp_path, net):
     base = f"s3://{s3}/models/cifar10"
     version, uri = export.export(net, f"s3://{s3}/models", "cifar10", {}, PROBE)
-    assert models.versions(base) == [version]
-    local = models.local_path(base, version, str(tmp_path / "cache"))
+    assert store.versions(base) == [version]
+    local = store.local_path(base, version, str(tmp_path / "cache"))
     marker = boto3.client("s3").get_object(Bucket=s3, Key=f"models/cifar10/{version}/{layout.MARKER}")["Body"].read()
     listed = layout.read_manifest(marker, uri)
     assert sorted(listed) == sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())

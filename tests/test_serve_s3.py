@@ -12,7 +12,7 @@ import pytest
 from common import layout
 from helpers import wait_until
 from job import export, model
-from serve import models
+from serve import store
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -83,13 +83,13 @@ def test_a_file_the_manifest_lists_must_be_there_and_nothing_else_is_fetched(sou
     bucket, src = source
     base = f"s3://{bucket}/models/cifar10"
     republish(bucket, src, "models/cifar10/1", damage={"variables/variables.index": None})
-    with pytest.raises(models.VersionError, match=re.escape(f"{base}/1/variables/variables.index is listed")):
-        models.local_path(base, 1, str(tmp_path / "cache"))
+    with pytest.raises(store.VersionError, match=re.escape(f"{base}/1/variables/variables.index is listed")):
+        store.local_path(base, 1, str(tmp_path / "cache"))
     assert list((tmp_path / "cache").iterdir()) == []
 
     republish(bucket, src, "models/cifar10/2")
     boto3.client("s3").put_object(Bucket=bucket, Key="models/cifar10/2/stray.bin", Body=b"not published")
-    copy = models.local_path(base, 2, str(tmp_path / "cache"))
+    copy = store.local_path(base, 2, str(tmp_path / "cache"))
     assert (copy / DATA).is_file() and not (copy / "stray.bin").exists()
 
 
@@ -97,12 +97,12 @@ def test_a_manifest_cannot_write_outside_the_download(s3, tmp_path):
     client = boto3.client("s3")
     client.put_object(Bucket=s3, Key="m/cifar10/1/x", Body=b"x")
     client.put_object(Bucket=s3, Key="m/cifar10/1/_COMPLETE", Body=b'{"../../escaped": "00"}')
-    with pytest.raises(models.VersionError, match="not a file inside the directory"):
-        models.local_path(f"s3://{s3}/m/cifar10", 1, str(tmp_path / "a" / "cache"))
+    with pytest.raises(store.VersionError, match="not a file inside the directory"):
+        store.local_path(f"s3://{s3}/m/cifar10", 1, str(tmp_path / "a" / "cache"))
     assert not (tmp_path / "a" / "escaped").exists() and not (tmp_path / "escaped").exists()
 
 
 def test_the_client_times_out_and_retries_in_standard_mode(s3):
     # A stalled endpoint must not hang the watcher or the sync sidecar for good.
-    config = models._s3().meta.config
+    config = store._s3().meta.config
     assert (config.connect_timeout, config.read_timeout, config.retries["mode"]) == (5, 30, "standard")

@@ -212,19 +212,19 @@ def test_a_version_missing_s3_files_is_refused_by_uri_and_the_reason_says_so(s3,
 
 def test_a_full_model_cache_is_told_once_by_path_and_version_and_tried_again(tmp_path, exported_model, monkeypatch,
                                                                                caplog):
-    from serve import models
+    from serve import store as model_store
 
     store = tmp_path / "cifar10"
     publish_copy(store, exported_model)
     attempts = []
-    real = models.local_path
+    real = model_store.local_path
 
     def full(base, version, cache_dir):
         attempts.append(version)
         # Each attempt downloads into a fresh temporary folder, which the message names.
         raise OSError(errno.ENOSPC, "No space left on device", f"{cache_dir}/.download-{len(attempts)}/x")
 
-    monkeypatch.setattr(models, "local_path", full)
+    monkeypatch.setattr(model_store, "local_path", full)
     app = create_app(Settings(model_uri=str(store), poll_seconds=0.05))
     try:
         c = app.test_client()
@@ -233,7 +233,7 @@ def test_a_full_model_cache_is_told_once_by_path_and_version_and_tried_again(tmp
         assert ready.status_code == 503 and "No space left on device" in ready.json["reason"]
         told = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
         assert len(told) == 1 and f"version 1 from {store / '1'}" in told[0], told
-        monkeypatch.setattr(models, "local_path", real)  # space freed: the next poll loads it
+        monkeypatch.setattr(model_store, "local_path", real)  # space freed: the next poll loads it
         wait_until(lambda: c.get("/readyz").status_code == 200)
     finally:
         app.extensions["predictor"].backend.close()

@@ -59,14 +59,14 @@ def test_a_damaged_s3_version_is_refused_by_name_and_newer_ones_still_sync(s3, t
 def test_a_corrupt_local_version_is_refused_once_and_newer_ones_still_sync(tmp_path, exported_model, caplog):
     from test_serve_store_faults import garbage_graph, publish_copy
 
-    from serve import models
+    from serve import store
 
     source = tmp_path / "export" / "cifar10"
     publish_copy(source, exported_model, garbage_graph)
     publish_copy(source, exported_model)
     dest = tmp_path / "tfserving" / "cifar10"
     refused = {}
-    with pytest.raises(models.VersionError, match="cannot be loaded: DecodeError"):
+    with pytest.raises(store.VersionError, match="cannot be loaded: DecodeError"):
         sync_once(str(source), dest, refused=refused)
     assert sorted(p.name for p in dest.iterdir()) == ["2"]
     caplog.clear()

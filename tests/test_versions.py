@@ -14,7 +14,7 @@ import tensorflow as tf
 import helpers
 from helpers import wait_until
 from job import model
-from serve import models
+from serve import store
 from serve.app import create_app
 from serve.checks import PROBE_ATOL
 from serve.settings import Settings
@@ -119,7 +119,7 @@ def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_pat
     for name in ("probe_images.npy", "probe_outputs.npz"):  # as exports made before the record existed
         (old / "assets.extra" / name).unlink()
     dest = tmp_path / "tfserving" / "cifar10"
-    with pytest.raises(models.VersionError, match="version|probe record"):
+    with pytest.raises(store.VersionError, match="version|probe record"):
         sync_once(str(base), dest, min_accuracy=0.8)
     assert sorted(p.name for p in dest.iterdir()) == ["1", "4"]
 

@@ -1,4 +1,4 @@
-"""Finding and loading exported versions under a model base
+"""The model store: finding and fetching exported versions under a model base
 (`<export.uri>/<model_name>`), local or on S3, as common/layout.py lays
 them out: only complete versions count, and an S3 download is checked
 against the version's manifest.
