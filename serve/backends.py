@@ -2,7 +2,7 @@
 process (serve/inprocess.py) or TF Serving over gRPC (serve/tfserving.py).
 Both answer `predict(uint8 [N,32,32,3])` with the signature's outputs by name
 (`probabilities`, `class_id`, `label`) and say which version they serve;
-create_app chooses one."""
+the Predictor (serve/predictor.py) chooses one."""
 
 from __future__ import annotations
 
