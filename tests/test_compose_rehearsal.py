@@ -120,7 +120,9 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
     # serve: its compose environment, TF Serving's address swapped for the stand-in's.
     serve_env = {**env["serve"], "SERVE_TFSERVING_ADDRESS": f"127.0.0.1:{port}", "SERVE_POLL_SECONDS": "0.5"}
     # The container listens on 8080 (the image's SERVE_PORT); here, on a free port.
-    assert str(services["serve"]["ports"][0]).endswith("8080") or services["serve"]["ports"][0]["target"] == 8080
+    published = services["serve"]["ports"][0]  # "127.0.0.1:8080:8080/tcp", or compose's long form
+    target = published["target"] if isinstance(published, dict) else published.split("/")[0].split(":")[-1]
+    assert str(target) == "8080"
     service = ServeProcess("--host", "127.0.0.1", env=serve_env, cwd=ROOT)
     proc, url = service.proc, service.url
     try:

@@ -98,7 +98,7 @@ def test_dry_run_warns_on_stderr_about_local_paths_only(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "checkpoint.uri" in proc.stderr and "export.uri" in proc.stderr
     json.loads(proc.stdout)  # the warnings stay out of the JSON
-    proc = cli(tmp_path, *DRY, "--set", "checkpoint.uri=s3://b/ckpt", "--set", "export.uri=s3://b/export")
+    proc = cli(tmp_path, *DRY, "--set", "checkpoint.uri=s3://bkt/ckpt", "--set", "export.uri=s3://bkt/export")
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
@@ -170,7 +170,7 @@ CONFIGS = [
     [],
     ["train.epochs=3"],
     # Strings YAML would read as something else, floats in exponent form, None, nested sections.
-    ["export.model_name=2024", "train.learning_rate=1e-5", "data.source=cifar10", "data.uri='s3://b/a: b #c'",
+    ["export.model_name=2024", "train.learning_rate=1e-5", "data.source=cifar10", "data.uri='s3://bkt/a: b #c'",
      "train.max_steps=7", "data.synthetic.train_size=5000", "data.augment=true", "seed=-3"],
     # A schedule other than the default, with parameters, and one parameter at its default.
     ["train.lr_schedule.name=one_cycle", "train.lr_schedule.peak_at=0.3", "train.early_stopping.enabled=true",
@@ -286,7 +286,7 @@ def batch(s3_server):
 def test_submit_registers_the_definition_and_submits_the_job(tmp_path, batch):
     client, queue, process_env = batch
     proc = cli(tmp_path, "submit", "aws-batch", "--job-queue", queue, "--image", "img:1", "--job-name", "run-1",
-               "--set", "train.epochs=3", "--set", "checkpoint.uri=s3://b/c", "--set", "export.uri=s3://b/e",
+               "--set", "train.epochs=3", "--set", "checkpoint.uri=s3://bkt/c", "--set", "export.uri=s3://bkt/e",
                environ=process_env)
     assert proc.returncode == 0, proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
@@ -303,7 +303,7 @@ def test_submit_registers_the_definition_and_submits_the_job(tmp_path, batch):
     assert (last["onReason"], last["action"].upper()) == ("*", "EXIT")
     assert {"type": "GPU", "value": "1"} in definition["containerProperties"]["resourceRequirements"]
     assert job["container"]["command"] == [
-        "train", "--set", "train.epochs=3", "--set", "checkpoint.uri=s3://b/c", "--set", "export.uri=s3://b/e"]
+        "train", "--set", "train.epochs=3", "--set", "checkpoint.uri=s3://bkt/c", "--set", "export.uri=s3://bkt/e"]
 
 
 def test_submit_to_a_missing_queue_exits_4_naming_it(tmp_path, batch):
