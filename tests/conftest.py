@@ -6,13 +6,10 @@ import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from helpers import SECRET, ArchiveServer, wait_until  # noqa: E402
+from helpers import PROBE, SECRET, ArchiveServer, wait_until  # noqa: E402
 
-# The probe batch of the shared export (what the service checks a version's answers on).
-PROBE = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
 
 
 @pytest.fixture
@@ -95,3 +92,30 @@ def server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (_executable(CHROMIUM) and _executable(CHROMEDRIVER)):
+        pytest.skip("needs Debian packages chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=900,1100",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

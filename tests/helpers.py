@@ -3,7 +3,9 @@ a free port, the one wait helper, a small run's overrides, publishing a model
 version, `cifar-serve` as a subprocess, and a stand-in for a data set's host."""
 
 import http.server
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,8 +14,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
 SECRET = "s3cr3t-never-printed-0123456789"
+# The probe batch of the shared export (conftest's exported_model; what the service checks a version's
+# answers on), and the pixels the service tests send it.
+PROBE = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
 
 
 def small_overrides(tmp_path, **extra) -> list[str]:
@@ -171,3 +178,46 @@ def assert_agree(a: np.ndarray, b: np.ndarray) -> None:
     the largest single difference is reported in docs/distributed.md)."""
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
     assert np.abs(a - b).mean() <= 0.02
+
+
+REAL_SMALL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"  # 500 real CIFAR-10 images (data/README.md)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without CIFAR_ settings, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CIFAR_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+        python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "job", *args],
+        cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def compose_config() -> dict:
+    if not shutil.which("docker-compose"):
+        pytest.skip("needs Debian's docker-compose package")
+    done = subprocess.run(["docker-compose", "config"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+# What a trained model answers is read on this batch (outputs), by the train and resume tests.
+OUTPUTS_PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+
+
+def outputs(model_uri: str) -> np.ndarray:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(model_uri).signatures["serving_default"]
+    return serve(images=tf.constant(OUTPUTS_PROBE))["probabilities"].numpy()
+
+
+def latest(tmp_path) -> dict:
+    return json.loads((tmp_path / "ckpt" / "latest.json").read_text())

@@ -18,9 +18,10 @@ from job import cifar10
 from job.cifar10 import load_cifar10
 from job.errors import DataError
 
+from helpers import REAL_SMALL
+
 TRAIN_COUNTS = (7, 7, 7, 7, 7)
 N_TEST = 5
-REAL_SMALL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"
 
 
 def real_small(folder: Path) -> Path:

@@ -8,7 +8,6 @@ fail before any training starts.
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys
@@ -17,24 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import clean_env, cli
+
 REPO = Path(__file__).resolve().parents[1]
 RECORD_BYTES = 1 + 3 * 32 * 32
 BATCHES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CIFAR_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
-        python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *python_flags, "-m", "job", *args],
-        cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout,
-    )
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -22,9 +22,7 @@ import requests
 import tensorflow as tf
 import yaml
 
-from helpers import ServeProcess, free_port
-from test_containers import compose_config
-from test_fetch_data import REAL_SMALL
+from helpers import REAL_SMALL, ServeProcess, compose_config, free_port
 from tfserving_standin import FakeTFServing, start_server
 
 pytestmark = pytest.mark.slow  # each test trains and starts cifar-serve

@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 HADOLINT = Path(sys.executable).with_name("hadolint")
-
-
-def compose_config() -> dict:
-    if not shutil.which("docker-compose"):
-        pytest.skip("needs Debian's docker-compose package")
-    done = subprocess.run(["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)
 
 
 @pytest.mark.slow

@@ -18,9 +18,9 @@ import yaml
 from job import cifar10
 from job.cli import main
 from job.errors import DataError
-from test_cli import cli, clean_env
 
-REAL_SMALL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"
+from helpers import REAL_SMALL, clean_env, cli
+
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import small_overrides, wait_until
+from helpers import REAL_SMALL, small_overrides, wait_until
 from job import cifar10, sources
 from job.config import load_config
 from job.errors import ConfigError, DataError
 from job.image_folder import load_image_folder
-from test_cifar10 import REAL_SMALL
 
 # Folder names whose sorted order is the reverse of CIFAR-10's label order, with spaces.
 REVERSED = [f"{9 - i} {name}" for i, name in enumerate(sources.CLASS_NAMES)]

@@ -13,13 +13,11 @@ from openapi_spec_validator import validate
 from serve import openapi, schemas
 from serve.app import create_app
 from serve.settings import Settings
-import test_serve_page
 
 NAME = "cifar10"
 # What the OpenAPI path of a Flask rule is, worked out here independently of serve.openapi.
 FLASK_VARIABLE = re.compile(r"<(?:[^:<>]+:)?([^:<>]+)>")
 EXAMPLE_ARGUMENTS = {"name": NAME, "version": "1", "label": "stable"}
-browser = test_serve_page.browser  # the fixture: headless chromium, or a skip where it is not installed
 
 
 def make(tmp_path, **settings):

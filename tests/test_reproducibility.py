@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import small_overrides
+from helpers import latest, outputs, small_overrides
 from job import sources
 from job.config import load_config
 from job.errors import ConfigError
-from test_train import latest, outputs
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 

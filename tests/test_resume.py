@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import small_overrides
+from helpers import OUTPUTS_PROBE, latest, outputs, small_overrides
 from job.config import load_config
 from job.errors import ConfigError
 from job.evaluate import evaluate
-from test_train import PROBE, latest, outputs
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
@@ -23,7 +22,7 @@ def probabilities_at(ckpt_dir) -> np.ndarray:
 
     net = models.build("simple_cnn")
     tf.train.Checkpoint(model=net).read(str(ckpt_dir / "ckpt")).expect_partial()
-    return tf.nn.softmax(net(PROBE, training=False)).numpy()
+    return tf.nn.softmax(net(OUTPUTS_PROBE, training=False)).numpy()
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "one_cycle"])

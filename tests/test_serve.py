@@ -19,13 +19,13 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
-from helpers import ServeProcess, wait_until
+from helpers import PROBE, ServeProcess, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
 
-PIXELS = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+PIXELS = PROBE  # the shared export knows its answers to these
 OPEN_APPS = []
 
 

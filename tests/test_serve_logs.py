@@ -11,12 +11,11 @@ from datetime import datetime, timedelta
 import pytest
 import requests
 
-from helpers import ServeProcess
+from helpers import PROBE, ServeProcess
 from serve import logs
 from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
-from test_serve import PIXELS
 
 
 @pytest.mark.slow
@@ -27,7 +26,7 @@ def test_every_line_of_the_service_is_json_and_access_lines_carry_the_request(ex
     try:
         service.wait_ready(timeout=90)
         good = requests.post(f"{url}/v1/models/cifar10:predict", headers={"X-Request-ID": "abc"},
-                             json={"instances": [PIXELS[0].tolist()]})
+                             json={"instances": [PROBE[0].tolist()]})
         bad = requests.post(f"{url}/v1/models/cifar10:predict?x=1", headers={"X-Request-ID": "bad"},
                             json={"instances": 3})
         assert (good.status_code, bad.status_code) == (200, 400)
@@ -84,7 +83,7 @@ def test_an_unhandled_errors_traceback_is_a_field_of_its_json_line():
     try:
         client = create_app(Settings(model_uri="/nowhere/cifar10", max_batch_size=1), backend=Broken()).test_client()
         answer = client.post("/v1/models/cifar10:predict", headers={"X-Request-ID": "oops"},
-                             json={"instances": PIXELS[:1].tolist()})
+                             json={"instances": PROBE[:1].tolist()})
     finally:
         log.removeHandler(handler)
     assert answer.status_code == 500 and "ZeroDivisionError" not in answer.text

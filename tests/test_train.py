@@ -12,22 +12,12 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from helpers import small_overrides
+from helpers import OUTPUTS_PROBE, latest, outputs, small_overrides
 from job.errors import ConfigError, DivergedError
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
-
-
-def outputs(model_uri: str) -> np.ndarray:
-    serve = tf.saved_model.load(model_uri).signatures["serving_default"]
-    return serve(images=tf.constant(PROBE))["probabilities"].numpy()
-
-
-def latest(tmp_path) -> dict:
-    return json.loads((tmp_path / "ckpt" / "latest.json").read_text())
 
 
 def metrics(tmp_path) -> list[dict]:
@@ -205,7 +195,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path, run_job):
 
     best = models.build("simple_cnn")
     tf.train.Checkpoint(model=best).read(str(tmp_path / "ckpt" / f"ckpt-{rows[0]['step']}" / "ckpt")).expect_partial()
-    expected = tf.nn.softmax(best(PROBE, training=False)).numpy()
+    expected = tf.nn.softmax(best(OUTPUTS_PROBE, training=False)).numpy()
     np.testing.assert_allclose(outputs(result.model_uri), expected, atol=1e-6)
 
 
