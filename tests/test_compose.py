@@ -38,6 +38,7 @@ FILES = ["docker-compose.yml", "tests/compose/docker-compose.test.yml"]
 MULTIWORKER = "docker-compose.multiworker.yml"
 LONG_RUNNING = ("minio", "model-sync", "tfserving", "serve")
 IMAGE = ROOT / "serve" / "static" / "samples" / "automobile.png"  # a real photograph, not a CIFAR-10 image
+PIXELS = np.asarray(Image.open(IMAGE).convert("RGB").resize((32, 32)), dtype=np.uint8)  # IMAGE as v1 and v2 take it
 
 
 def engine_missing() -> str | None:
@@ -150,7 +151,7 @@ class Load:
 
     def __init__(self, url: str, clients: int = 4):
         self.url, self.answers, self.stopping = url, [], threading.Event()
-        body = {"instances": [np.asarray(Image.open(IMAGE).convert("RGB").resize((32, 32))).tolist()]}
+        body = {"instances": [PIXELS.tolist()]}
         self.threads = [threading.Thread(target=self._send, args=(body,)) for _ in range(clients)]
 
     def _send(self, body):
@@ -197,20 +198,19 @@ def test_up_trains_on_s3_exports_and_serves_through_tf_serving(stack, s3, servic
 
     # Every answer crosses the compose network to TF Serving's stand-in and is the exported model's own.
     model = tf.saved_model.load(str(download(s3, "models/cifar10/1", tmp_path / "1"))).signatures["serving_default"]
-    pixels = np.asarray(Image.open(IMAGE).convert("RGB").resize((32, 32)), dtype=np.uint8)
-    expected = model(images=tf.constant(pixels[None]))["probabilities"].numpy()[0]
+    expected = model(images=tf.constant(PIXELS[None]))["probabilities"].numpy()[0]
 
     with IMAGE.open("rb") as f:
         answer = requests.post(f"{service}/predict", files={"file": f}, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_version"] == 1 and len(answer.json()["predictions"]) == 5
 
-    answer = requests.post(f"{service}/v1/models/cifar10:predict", json={"instances": [pixels.tolist()]}, timeout=30)
+    answer = requests.post(f"{service}/v1/models/cifar10:predict", json={"instances": [PIXELS.tolist()]}, timeout=30)
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["predictions"][0]["probabilities"], expected, rtol=1e-5, atol=1e-6)
 
     answer = requests.post(f"{service}/v2/models/cifar10/infer", timeout=30, json={"inputs": [
-        {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": pixels.reshape(-1).tolist()}]})
+        {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": PIXELS.reshape(-1).tolist()}]})
     assert answer.status_code == 200, answer.text
     outputs = {o["name"]: o for o in answer.json()["outputs"]}
     np.testing.assert_allclose(outputs["probabilities"]["data"], expected, rtol=1e-5, atol=1e-6)

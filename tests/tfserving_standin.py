@@ -29,6 +29,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from common import layout
+
 AVAILABLE, LOADING = get_model_status_pb2.ModelVersionStatus.AVAILABLE, get_model_status_pb2.ModelVersionStatus.LOADING
 
 
@@ -119,8 +121,7 @@ def start_server(fake, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Ser
 
 def newest_version(base: Path) -> int | None:
     """TF Serving's default version policy: the highest numeric folder holding a SavedModel."""
-    found = [int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "saved_model.pb").is_file()]
-    return max(found, default=None)
+    return max(layout.local_versions(base), default=None)
 
 
 def main() -> None:
