@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from job import config, model, report, sources, train
+from job import config, controller, model, report, sources
 
 BATCH = 64
 LR = 1e-3
@@ -48,13 +48,13 @@ def job_config(train_size: int, *extra: str) -> config.Config:
 # that trains one epoch and says how many images it trained on.
 
 def job_loop(splits: sources.Splits, cfg: config.Config):
-    """The job's own parts and steps (train.build, train.chunks), without the controller's bookkeeping."""
-    parts = train.build(cfg, splits)
+    """The job's own parts and steps (controller.build, controller.chunks), without the controller's bookkeeping."""
+    parts = controller.build(cfg, splits)
     spe = parts.stream.steps_per_epoch
 
     def epoch(e: int) -> int:
         parts.trainer.reset_sums()
-        return sum(chunk.steps for chunk in train.chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
+        return sum(chunk.steps for chunk in controller.chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
 
     return epoch
 
@@ -108,9 +108,9 @@ def cli_run(train_size: int, steps_per_loop: int) -> float:
         cfg = job_config(train_size, "train.epochs=2", f"train.steps_per_loop={steps_per_loop}",
                          f"checkpoint.uri={tmp}/checkpoints", f"export.uri={tmp}/export", "checkpoint.resume=never")
         try:
-            train.run(cfg, report.Console("text", stream=io.StringIO()))
+            controller.run(cfg, report.Console("text", stream=io.StringIO()))
         finally:
-            # train.run turns on op determinism (train.deterministic) for the
+            # controller.run turns on op determinism (train.deterministic) for the
             # whole process; turn it off again so that the other loops run as
             # they would on their own. (No public API for this.)
             tf_config.disable_op_determinism()

@@ -114,14 +114,14 @@ def _dispatch(args) -> int:
             print(json.dumps(summary))
         return 0
     if args.command == "train":
-        from job import train
+        from job import controller
         from job.platform import detect
 
         platform = detect(os.environ)
         if platform:
             console.info(f"platform: {platform} (its container conventions set the config's locations)")
         console.info("resolved config:\n" + cfg.dump().rstrip(), config=cfg.model_dump(mode="json"))
-        train.run(cfg, console)
+        controller.run(cfg, console)
         return 0
     from job import evaluate
 

@@ -1,7 +1,7 @@
 """The trainer: compiled steps and the running sums they keep.
 
 The step is tape -> loss -> gradients -> update -> metrics and nothing else;
-when to log, evaluate or checkpoint is the controller's business (train.py).
+when to log, evaluate or checkpoint is the controller's business (controller.py).
 """
 
 from __future__ import annotations

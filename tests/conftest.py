@@ -15,13 +15,13 @@ from helpers import PROBE, SECRET, ArchiveServer, wait_until  # noqa: E402
 @pytest.fixture
 def run_job():
     """Train in-process; returns (Result, console output)."""
-    from job import train
+    from job import controller
     from job.config import load_config
     from job.report import Console
 
     def run(overrides: list[str]):
         out = io.StringIO()
-        result = train.run(load_config(None, overrides), Console("text", stream=out))
+        result = controller.run(load_config(None, overrides), Console("text", stream=out))
         return result, out.getvalue()
 
     return run

@@ -207,9 +207,9 @@ def test_a_duplicate_key_inside_a_set_value_is_an_error():
 # --- the preflight: every location checked before anything is built ------------------------------
 
 def check(*sets: str) -> None:
-    from job import train
+    from job import controller
 
-    train.check_locations(load_config(None, list(sets)), Console("text", stream=io.StringIO()))
+    controller.check_locations(load_config(None, list(sets)), Console("text", stream=io.StringIO()))
 
 
 def test_the_preflight_writes_and_removes_a_marker_in_each_location_leaving_nothing(tmp_path, monkeypatch):
