@@ -1,6 +1,6 @@
 """Every recipe under configs/, trained as a user runs it, on one data set:
 test accuracy, wall time, training time and images/s, for the record in
-docs/benchmarks.md and the README's table of recipes.
+docs/benchmarks.md and the table of recipes in docs/training.md.
 
 Each row is `cifar-job train --config configs/<recipe>.yaml` in a fresh
 process with `data.uri` pointed at the data given (real CIFAR-10 recipes

@@ -1,7 +1,7 @@
 """The config's reference, rendered from the models in job/config.py, so
-that it cannot drift from what the job accepts: the README's table
-(`python -m job.config_doc README.md` rewrites it in place) and
-`cifar-job check-config --explain`.
+that it cannot drift from what the job accepts: the table in
+docs/training.md (`python -m job.config_doc` rewrites it in place; name other
+files to rewrite theirs) and `cifar-job check-config --explain`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pydantic.fields import FieldInfo
 
 from job.config import Config
 
-START = ("<!-- config-table:start: generated from job/config.py by `python -m job.config_doc README.md`; "
+START = ("<!-- config-table:start: generated from job/config.py by `python -m job.config_doc docs/training.md`; "
          "edit the descriptions there -->")
 END = "<!-- config-table:end -->"
+# The file that holds the table, relative to the repository's root.
+DEFAULT_TARGET = "docs/training.md"
 
 _FIXED = " Fixed for a run: resuming under another value exits 2."
 _SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -128,7 +130,7 @@ def _scalar(value: Any) -> str:
 
 
 def markdown() -> str:
-    """The README's table."""
+    """The table in docs/training.md."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
@@ -153,7 +155,7 @@ def explain(cfg: Config) -> str:
 
 
 def rewrite(text: str) -> str:
-    """`text` (the README) with the table between START and END regenerated."""
+    """`text` (docs/training.md) with the table between START and END regenerated."""
     before, start, rest = text.partition(START)
     _, end, after = rest.partition(END)
     if not (start and end):
@@ -163,5 +165,5 @@ def rewrite(text: str) -> str:
 
 
 if __name__ == "__main__":
-    for path in map(Path, sys.argv[1:] or ["README.md"]):
+    for path in map(Path, sys.argv[1:] or [DEFAULT_TARGET]):
         path.write_text(rewrite(path.read_text()))

@@ -1,5 +1,5 @@
 """The config documents itself: every field's meaning lives in job/config.py,
-and the README's table and `check-config --explain` are rendered from it.
+and the table in docs/training.md and `check-config --explain` are rendered from it.
 
 Fast and TensorFlow-free.
 """
@@ -31,11 +31,11 @@ def test_every_leaf_field_says_what_it_means():
     assert not missing, f"give these a Field(description=...): {', '.join(missing)}"
 
 
-def test_readme_config_table_is_the_generated_one():
-    text = (REPO / "README.md").read_text()
+def test_the_docs_config_table_is_the_generated_one():
+    text = (REPO / config_doc.DEFAULT_TARGET).read_text()
     assert text == config_doc.rewrite(text), (
-        "README.md's config table differs from the models in job/config.py; regenerate it with "
-        "`.venv/bin/python -m job.config_doc README.md` (edit descriptions in job/config.py, not in the README)")
+        f"{config_doc.DEFAULT_TARGET}'s config table differs from the models in job/config.py; regenerate it "
+        f"with `.venv/bin/python -m job.config_doc` (edit descriptions in job/config.py, not in the docs)")
 
 
 def test_the_table_has_one_row_per_key_and_escapes_pipes():

@@ -244,7 +244,7 @@ def test_an_unexpected_error_leaves_the_failure_file_and_keeps_its_traceback(tmp
     assert (tmp_path / "failure").read_text() == "RuntimeError: a bug\n"
 
 
-# --- the README's precedence table, checked ------------------------------------------
+# --- the precedence table in docs/training.md, checked ------------------------------
 
 
 class Layers:
@@ -279,9 +279,9 @@ class Layers:
         return load_config(path, self.sets)
 
 
-def readme_precedence() -> list[tuple[str, str]]:
-    """(layer, what sets it) from the README's precedence table, lowest first."""
-    lines = (REPO / "README.md").read_text().splitlines()
+def documented_precedence() -> list[tuple[str, str]]:
+    """(layer, what sets it) from the precedence table in docs/training.md, lowest first."""
+    lines = (REPO / "docs" / "training.md").read_text().splitlines()
     start = lines.index("| precedence | layer | what sets it |") + 2
     rows = []
     for line in lines[start:]:
@@ -292,7 +292,7 @@ def readme_precedence() -> list[tuple[str, str]]:
 
 
 SETTABLE = ["config file", "platform conventions", "environment", "`--set`"]
-# Each platform convention the README's table places in the platform layer, as it sets export.uri.
+# Each platform convention the precedence table places in the platform layer, as it sets export.uri.
 PLATFORM_EXPORT = {
     "SM_MODEL_DIR": {"SM_MODEL_DIR": "/platform"},
     "AIP_MODEL_DIR": {"AIP_MODEL_DIR": "/platform"},
@@ -300,8 +300,8 @@ PLATFORM_EXPORT = {
 }
 
 
-def test_readme_precedence_table_lists_the_layers_lowest_first():
-    rows = readme_precedence()
+def test_the_precedence_table_lists_the_layers_lowest_first():
+    rows = documented_precedence()
     assert [layer for layer, _ in rows] == ["defaults", *SETTABLE]
     where = dict(rows)
     for name in (*PLATFORM_EXPORT, "SM_CHANNEL_*", "AIP_CHECKPOINT_DIR"):
@@ -312,7 +312,7 @@ def test_readme_precedence_table_lists_the_layers_lowest_first():
 
 @pytest.mark.parametrize("convention", PLATFORM_EXPORT)
 @pytest.mark.parametrize("low, high", [(a, b) for i, a in enumerate(SETTABLE) for b in SETTABLE[i + 1:]])
-def test_a_higher_layer_of_the_readme_table_wins(tmp_path, monkeypatch, convention, low, high):
+def test_a_higher_layer_of_the_precedence_table_wins(tmp_path, monkeypatch, convention, low, high):
     layers = Layers(tmp_path, monkeypatch)
     for layer in (low, high):
         if layer == "platform conventions":
