@@ -4,8 +4,9 @@ one (the layout of the common PNG and JPEG copies of CIFAR-10, and of a
 person's own photos).
 
 Class names are the folder names, sorted. Each image is decoded and resized
-to 32x32 by the service's own function for uploaded photos, so a photo sent
-to `/predict` reaches the model the way the training images did.
+to 32x32 by common/images.py, the function the service applies to uploaded
+photos, so a photo sent to `/predict` reaches the model the way the training
+images did.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from common.images import BadInput, decode
 from job.errors import DataError
-from serve.images import BadInput, decode
 
 SPLITS = ("train", "test")
 EXTENSIONS = (".png", ".jpg", ".jpeg")

@@ -1,48 +1,17 @@
 """Turning what clients send into uint8 [N, 32, 32, 3] pixels, or a clear
-reason why not. Nothing here trusts its input."""
+reason why not: base64 strings, `{"b64": ...}` instances and pixel lists.
+The image bytes themselves are decoded by common/images.py, as the training
+job's folder source decodes its images. Nothing here trusts its input."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-SIZE = 32
-# A decompression bomb is refused before it is decoded: 40 megapixels is
-# far above any photo a person uploads.
-Image.MAX_IMAGE_PIXELS = 40_000_000
-
-
-class BadInput(ValueError):
-    """The client sent something that is not an image we can classify (a 400)."""
-
-
-def decode(data: bytes) -> np.ndarray:
-    """PNG or JPEG bytes of any size -> uint8 [32, 32, 3]."""
-    if not data:
-        raise BadInput("the image is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("PNG", "JPEG"):
-                raise BadInput(f"expected a PNG or JPEG image, got {image.format or 'an unknown format'}")
-            # Pillow itself only refuses above twice MAX_IMAGE_PIXELS (it merely warns in between).
-            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise BadInput(f"the image is {image.width}x{image.height} pixels; "
-                               f"at most {Image.MAX_IMAGE_PIXELS} pixels are decoded")
-            image = image.convert("RGB")
-            if image.size != (SIZE, SIZE):
-                image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(image, dtype=np.uint8)
-    except BadInput:
-        raise
-    except UnidentifiedImageError:  # Pillow's own message shows the repr of a BytesIO object
-        raise BadInput("cannot decode the image: it is not a PNG or JPEG file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # Pillow raises SyntaxError for some corrupt PNGs (e.g. a garbage chunk type after the first IDAT).
-        raise BadInput(f"cannot decode the image: {exc}") from None
+# The service's routes take BadInput and decode from here, with the rest of their input parsing.
+from common.images import SIZE, BadInput, decode
 
 
 def _b64(text) -> bytes:
