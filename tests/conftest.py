@@ -57,6 +57,15 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture
+def no_cifar_env(monkeypatch):
+    """No CIFAR_* variable from the outer environment reaches the test (helpers.clean_env is the same
+    environment for a subprocess)."""
+    for name in list(os.environ):
+        if name.upper().startswith("CIFAR_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's server mode), in MinIO's place."""

@@ -5,7 +5,6 @@ Fast and TensorFlow-free: nothing here imports more than job.config.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ from job.config import Config, load_config
 from job.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No CIFAR_* variable from the outer environment leaks into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("CIFAR_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_cifar_env")  # no CIFAR_* variable from outside leaks into a test
 
 
 def write(tmp_path, text, name="config.yaml"):

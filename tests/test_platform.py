@@ -22,12 +22,13 @@ from job.errors import ConfigError, Preempted
 from job.platform import detect, platform_overrides, write_failure
 
 REPO = Path(__file__).resolve().parents[1]
-_PLATFORM_PREFIXES = ("CIFAR_", "SM_", "AIP_", "TRAINING_JOB_")
+_PLATFORM_PREFIXES = ("SM_", "AIP_", "TRAINING_JOB_")
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No CIFAR_*, SM_* or AIP_* variable leaks in, and /opt/ml is an empty temporary folder."""
+def on_no_platform(no_cifar_env, monkeypatch, tmp_path):
+    """No CIFAR_* variable and no platform's (SM_*, AIP_*, TRAINING_JOB_*) leaks in, and /opt/ml is an
+    empty temporary folder: a test is on a platform only as it sets one up."""
     for name in list(os.environ):
         if name.upper().startswith(_PLATFORM_PREFIXES):
             monkeypatch.delenv(name)
@@ -198,7 +199,7 @@ def test_write_failure_never_raises(tmp_path):
 
 
 def _cli(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(_PLATFORM_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("CIFAR_", *_PLATFORM_PREFIXES))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return subprocess.run([sys.executable, "-m", "job", *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -25,11 +25,7 @@ from job.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("CIFAR_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_cifar_env")  # no CIFAR_* variable from outside leaks into a test
 
 
 def env(**extra: str) -> dict[str, str]:
