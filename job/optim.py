@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules, built from `train.*`.
 
 Every schedule is a function of the optimizer's step alone, times a scale
-that only reduce-on-plateau changes; both live in the checkpoint, so a
-resumed run follows the same curve. The horizon is `train.epochs`, never
+that only reduce-on-plateau changes, from the validation metrics the
+schedule is shown after each epoch (`Schedule.after_validation`); the step,
+the scale and the plateau's patience live in the checkpoint, so a resumed
+run follows the same curve. The horizon is `train.epochs`, never
 `train.max_steps`: stopping early must not bend the curve. For the schedules
 that have one (config.HORIZON_SCHEDULES) it is in the run's fingerprint, so a
 resume cannot change it either.
@@ -17,37 +19,57 @@ import tensorflow as tf
 
 from job.config import Lookahead as LookaheadConfig
 from job.config import Train
+from job.patience import Patience
 
 
 class Schedule(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, cfg: Train, steps_per_epoch: int):
         self.cfg = cfg
         self.base = cfg.learning_rate
-        self.spe = float(steps_per_epoch)
+        self.steps_per_epoch = float(steps_per_epoch)
         self.total = float(cfg.epochs * steps_per_epoch)
         self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
+        curve = cfg.lr_schedule
+        # Every schedule has the plateau's variables, so that every run's
+        # checkpoint has the same keys; only reduce_on_plateau's ever change.
+        self.plateau = (Patience(curve.monitor, curve.patience + 1) if curve.name == "reduce_on_plateau"
+                        else Patience("val_loss", None))
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        s = self.cfg.lr_schedule
+        curve = self.cfg.lr_schedule
         lr = self.base
-        if s.name == "exponential":
-            lr = self.base * tf.pow(s.decay_rate, step / (s.decay_epochs * self.spe))
-        elif s.name == "cosine":
-            warmup = s.warmup_epochs * self.spe
+        if curve.name == "exponential":
+            lr = self.base * tf.pow(curve.decay_rate, step / (curve.decay_epochs * self.steps_per_epoch))
+        elif curve.name == "cosine":
+            warmup = curve.warmup_epochs * self.steps_per_epoch
             progress = tf.clip_by_value((step - warmup) / max(self.total - warmup, 1.0), 0.0, 1.0)
-            cosine = s.final_fraction + (1 - s.final_fraction) * 0.5 * (1 + tf.cos(math.pi * progress))
+            cosine = curve.final_fraction + (1 - curve.final_fraction) * 0.5 * (1 + tf.cos(math.pi * progress))
             ramp = tf.minimum((step + 1) / max(warmup, 1.0), 1.0) if warmup > 0 else 1.0
             lr = self.base * cosine * ramp
-        elif s.name == "one_cycle":
-            peak = s.peak_at * self.total
-            rising = s.start_fraction + (1 - s.start_fraction) * step / peak
-            falling = 1 - (1 - s.final_fraction) * (step - peak) / max(self.total - peak, 1.0)
+        elif curve.name == "one_cycle":
+            peak = curve.peak_at * self.total
+            rising = curve.start_fraction + (1 - curve.start_fraction) * step / peak
+            falling = 1 - (1 - curve.final_fraction) * (step - peak) / max(self.total - peak, 1.0)
             lr = self.base * tf.clip_by_value(tf.where(step < peak, rising, falling), 0.0, 1.0)
         return lr * self.scale
 
+    def after_validation(self, val_loss: float, val_accuracy: float) -> float | None:
+        """Reduce-on-plateau's epoch: the new learning rate where the
+        monitored metric has gone more than `patience` epochs without
+        improving, else None."""
+        curve = self.cfg.lr_schedule
+        if curve.name != "reduce_on_plateau":
+            return None
+        if not self.plateau.update(val_loss if curve.monitor == "val_loss" else val_accuracy):
+            return None
+        self.plateau.restart()
+        floor = curve.min_lr / self.base
+        self.scale.assign(max(float(self.scale.numpy()) * curve.factor, floor))
+        return self.base * float(self.scale.numpy())
+
     def get_config(self):
-        return {"cfg": self.cfg.model_dump(), "steps_per_epoch": self.spe}
+        return {"cfg": self.cfg.model_dump(), "steps_per_epoch": self.steps_per_epoch}
 
 
 def build_optimizer(cfg: Train, schedule: Schedule) -> keras.optimizers.Optimizer:
