@@ -1,8 +1,8 @@
 """Checkpoint cost: the step-time overhead of `checkpoint.every_steps: 100`,
 on local disk and on S3, against the same loop with no checkpoints.
 
-The run is the job's own: its parts and checkpoint (controller.build), its
-compiled calls (controller.chunks) and its commits (controller.Checkpointer, with
+The run is the job's own: its parts and checkpoint (job.parts.build), its
+compiled calls (job.parts.chunks) and its commits (job.checkpoints.Checkpointer, with
 CheckpointStore and the background Uploader), driven as job/controller.py drives
 them. S3 is moto's server on 127.0.0.1 (MinIO cannot be installed where this
 was written), so the S3 rows measure the protocol and the background commit,
@@ -29,23 +29,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job import config, controller, sources
-from job.checkpoints import CheckpointStore, Uploader
+from job import config, sources
+from job.checkpoints import Checkpointer, CheckpointStore, Uploader
+from job.parts import Parts, build, chunks
 
 EVERY = 100
 
 
-def run(cfg: config.Config, parts: controller.Parts, checksum: str, steps: int, uri: str | None) -> dict:
+def run(cfg: config.Config, parts: Parts, checksum: str, steps: int, uri: str | None) -> dict:
     """Train `steps` steps, committing the job's checkpoints into `uri` as they fall due (None: never)."""
     checkpointer = None
     if uri:
         store = CheckpointStore(uri, cfg.checkpoint.keep, Uploader(cfg.checkpoint.retry_seconds))
-        checkpointer = controller.Checkpointer(cfg, store, parts, None, checksum)
+        checkpointer = Checkpointer(cfg, store, parts, None, checksum)
     parts.progress.step.assign(0)
     saves = []
     started = time.perf_counter()
     for epoch in range(math.ceil(steps / parts.stream.steps_per_epoch)):
-        for chunk in controller.chunks(cfg, parts, epoch, 0, steps):
+        for chunk in chunks(cfg, parts, epoch, 0, steps):
             parts.progress.step.assign_add(chunk.steps)
             if checkpointer and checkpointer.due(chunk):
                 t = time.perf_counter()
@@ -98,7 +99,7 @@ def main() -> None:
     cfg = config.load_config(None, ["data.synthetic.train_size=6000", "data.validation_size=0",
                                     f"checkpoint.every_steps={EVERY}"])
     splits = sources.load(cfg)
-    parts = controller.build(cfg, splits)
+    parts = build(cfg, splits)
     tmp = tempfile.mkdtemp()
     rows = {"none": [], "local": [], "s3": []}
     names = list(rows)

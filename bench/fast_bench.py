@@ -111,7 +111,7 @@ def main() -> None:
     splits = sources.load(cfg)
     # Process-wide, so all three loops run under the job's determinism setting.
     controller.configure_determinism(cfg)
-    loops = {"job (controller.build + controller.chunks)": job_loop(splits, cfg), "minimal tf.function loop":
+    loops = {"job (parts.build + parts.chunks)": job_loop(splits, cfg), "minimal tf.function loop":
              minimal_loop(splits, cfg), "keras fit": fit_loop(splits, cfg)}
     rates, cpu = measure(loops, repeats)
     best = max(statistics.median(v) for v in rates.values())

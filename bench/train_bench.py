@@ -30,6 +30,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 from job import config, controller, model, report, sources
+from job.parts import build, chunks
 
 BATCH = 64
 LR = 1e-3
@@ -48,13 +49,13 @@ def job_config(train_size: int, *extra: str) -> config.Config:
 # that trains one epoch and says how many images it trained on.
 
 def job_loop(splits: sources.Splits, cfg: config.Config):
-    """The job's own parts and steps (controller.build, controller.chunks), without the controller's bookkeeping."""
-    parts = controller.build(cfg, splits)
+    """The job's own parts and steps (job.parts.build, job.parts.chunks), without the controller's bookkeeping."""
+    parts = build(cfg, splits)
     spe = parts.stream.steps_per_epoch
 
     def epoch(e: int) -> int:
         parts.trainer.reset_sums()
-        return sum(chunk.steps for chunk in controller.chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
+        return sum(chunk.steps for chunk in chunks(cfg, parts, e, 0, (e + 1) * spe)) * cfg.train.batch_size
 
     return epoch
 

@@ -8,6 +8,9 @@ Whatever a killed run leaves behind is either complete and named, or ignored
 and cleaned up when the next run starts. An outage delays commits, which retry for
 `checkpoint.retry_seconds`; training does not wait for them.
 
+When one is due, and what goes into it besides the run's variables, is the
+Checkpointer's business.
+
 TensorFlow's CheckpointManager is not used: its state file and deletion
 assume one local filesystem and write the index before the data is safe in
 remote storage.
@@ -28,8 +31,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from job import storage
+from job import model, storage
+from job.config import Config
 from job.errors import ConfigError, StorageError
+from job.parts import Chunk, Parts
 
 RECORD = "record.json"
 
@@ -183,6 +188,41 @@ class CheckpointStore:
         for name in self._storage.published(self.uri):
             if name.startswith("ckpt-") and name not in wanted:
                 self._storage.delete(storage.join(self.uri, name))
+
+
+class Checkpointer:
+    """When a checkpoint is due, and committing one: every worker keeps the
+    run's training time in its progress, the chief writes the checkpoint."""
+
+    def __init__(self, cfg: Config, store: CheckpointStore, parts: Parts, latest: dict | None, data_checksum: str,
+                 is_chief: bool = True, lease: Lease | None = None):
+        self.cfg, self.store, self.parts, self.is_chief, self.lease = cfg, store, parts, is_chief, lease
+        self.record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": data_checksum,
+                       "network_revision": model.REVISIONS[cfg.model.name]}
+        self._started, self._before = time.perf_counter(), float(parts.progress.elapsed.numpy())
+        self._last_commit = time.monotonic()
+
+    def due(self, chunk: Chunk) -> bool:
+        """At `checkpoint.every_steps`, or `checkpoint.every_seconds` after the
+        last commit; not at an epoch's end, which commits once validated."""
+        ckpt = self.cfg.checkpoint
+        # On spot capacity what a reclaim costs is time, which a step count
+        # does not bound; time is looked at only between compiled calls.
+        time_due = ckpt.every_seconds is not None and time.monotonic() - self._last_commit >= ckpt.every_seconds
+        return (chunk.step % ckpt.every_steps == 0 or time_due) and not chunk.ends_epoch
+
+    def commit(self, **fields) -> None:
+        """A checkpoint of the step reached, `fields` added to its record."""
+        self._last_commit = time.monotonic()
+        progress = self.parts.progress
+        progress.elapsed.assign(self._before + time.perf_counter() - self._started)
+        if not self.is_chief:
+            return
+        if self.lease is not None and self.lease.lost:
+            raise StorageError(f"another run took the lease on {self.cfg.checkpoint.uri}; stopping without writing")
+        self.record = self.store.save(self.parts.checkpoint, int(progress.step.numpy()), self.record,
+                                      finished=False, steps_per_epoch=self.parts.stream.steps_per_epoch,
+                                      stopped_early=bool(progress.stopped_early.numpy()), **fields)
 
 
 class Lease:

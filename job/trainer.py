@@ -79,9 +79,10 @@ class Trainer(tf.Module):
         loss_sum, correct, seen = (float(v) for v in self.sums.numpy())
         return loss_sum / max(seen, 1.0), correct / max(seen, 1.0)
 
-    def evaluate(self, dataset) -> tuple[float, float, int]:
-        """(mean loss, accuracy, examples) over a finite dataset."""
-        return evaluate(self.evaluate_batch, dataset)
+    def validate(self, dataset) -> tuple[float, float, int]:
+        """(mean loss, accuracy, examples) of the network as it trains, over a
+        finite dataset: the validation split, between epochs."""
+        return score(self.evaluate_batch, dataset)
 
 
 def _per_example_loss(labels, logits, smoothing: float):
@@ -106,7 +107,7 @@ def evaluator(model: keras.Model, jit_compile: bool = False):
     return tf.function(step, jit_compile=jit_compile, reduce_retracing=True)
 
 
-def evaluate(evaluate_batch, dataset) -> tuple[float, float, int]:
+def score(evaluate_batch, dataset) -> tuple[float, float, int]:
     """(mean loss, accuracy, examples) of an evaluator over a finite dataset."""
     total, correct, n = 0.0, 0.0, 0
     for images, labels in dataset:

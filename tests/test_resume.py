@@ -12,7 +12,7 @@ from job.config import load_config
 from job.errors import ConfigError
 from job.evaluate import evaluate
 
-pytestmark = pytest.mark.slow  # every test here trains end to end
+pytestmark = pytest.mark.slow  # every test here trains end to end, or builds a run's parts
 
 STEPS_PER_EPOCH = (1200 - 200) // 32  # small_overrides' split and batch
 
@@ -102,3 +102,40 @@ def test_export_weights_best_exports_the_best_checkpoint(tmp_path, run_job):
     # The card's test accuracy is the exported model's (the serving graph may break a tie differently).
     tested = evaluate(result.model_uri, load_config(None, overrides))
     assert tested["accuracy"] == pytest.approx(card["test_accuracy"], abs=1 / tested["examples"])
+
+
+# What a checkpoint of simple_cnn trained by Adam holds, by key path, as every
+# version of the job since monitors kept count in checkpoints has written it.
+# A key that moves is state an older checkpoint cannot restore: bump
+# model.REVISIONS instead, so that such checkpoints are refused by name.
+CHECKPOINT_KEYS = {
+    "lr_scale", "trainer/sums", "optimizer/_iterations",
+    "progress/step", "progress/epochs_done", "progress/stopped_early", "progress/elapsed",
+    "progress/best", "progress/since_best", "progress/plateau_best", "progress/plateau_wait",
+    *(f"optimizer/_trainable_variables/{i}" for i in range(10)),  # the network's weights
+    *(f"optimizer/_variables/{i}" for i in range(1, 21)),  # Adam's two slots for each
+}
+
+
+@pytest.mark.parametrize("extra", [{}, {"train.lr_schedule": "reduce_on_plateau",
+                                        "train.early_stopping.enabled": "true"}], ids=["default", "monitors-on"])
+def test_checkpoint_keys_stay_where_older_checkpoints_hold_them(tmp_path, extra):
+    from job import parts, sources
+
+    cfg = load_config(None, small_overrides(tmp_path, **extra))
+    run = parts.build(cfg, sources.load(cfg))
+    run.early_stopping.update(0.5)
+    run.early_stopping.update(0.7)
+    run.schedule.plateau.update(0.25)
+    run.schedule.scale.assign(0.125)
+    path = run.checkpoint.write(str(tmp_path / "ckpt"))
+    stored = {name.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE") for name, _ in tf.train.list_variables(path)}
+    assert stored - {"_CHECKPOINTABLE_OBJECT_GRAPH"} == CHECKPOINT_KEYS
+    # Each monitor's count is at the key its state had before the monitor owned it.
+    value = tf.train.load_checkpoint(path).get_tensor
+    assert value("progress/best/.ATTRIBUTES/VARIABLE_VALUE") == 0.5
+    assert value("progress/since_best/.ATTRIBUTES/VARIABLE_VALUE") == 1
+    assert value("progress/plateau_best/.ATTRIBUTES/VARIABLE_VALUE") == 0.25
+    assert value("progress/plateau_wait/.ATTRIBUTES/VARIABLE_VALUE") == 0
+    assert value("lr_scale/.ATTRIBUTES/VARIABLE_VALUE") == 0.125
+
