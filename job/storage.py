@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from common import layout
+from common import layout, s3
 from job.errors import StorageError
 
 _STAGING_PREFIX = ".staging-"
@@ -129,7 +129,7 @@ def malformed(uri: str) -> str | None:
     """Why `uri` cannot name a location at all, or None. Syntax only: no storage is touched."""
     if not is_object_store(uri):
         return None
-    bucket, _ = S3Storage.split(uri)
+    bucket, _ = s3.split(uri)
     if not bucket:
         return f"{uri!r} names no bucket; expected s3://bucket/prefix"
     # S3's bucket naming rules (MinIO keeps them too).
@@ -341,24 +341,12 @@ class S3Storage:
     """
 
     def __init__(self):
-        import boto3
-        from botocore.config import Config
-
-        custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        self.client = boto3.client("s3", config=Config(
-            # boto3's standard retry mode: bounded, with backoff, on throttling and connection errors.
-            retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
-            # MinIO and other self-hosted endpoints rarely have per-bucket DNS names.
-            s3={"addressing_style": "path" if custom_endpoint else "auto"},
-            connect_timeout=5, read_timeout=30,
-        ))
+        # The one client policy both images use (retries, timeouts, addressing): common/s3.py.
+        self.client = s3.client()
         self.endpoint = self.client.meta.endpoint_url
         self._synced: dict[Path, tuple[int, int]] = {}
 
-    @staticmethod
-    def split(uri: str) -> tuple[str, str]:
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return bucket, key.strip("/")
+    split = staticmethod(s3.split)
 
     def _call(self, uri: str, what: str, fn, *args, **kwargs):
         from boto3.exceptions import S3UploadFailedError
@@ -620,10 +608,9 @@ def backend(uri: str, key: str | None = None) -> Storage:
 
 def _backend(uri: str) -> Storage:
     if is_object_store(uri):
-        # One client per set of boto3 settings: clients are thread-safe and
-        # slow to make, and the settings are read from the environment.
-        settings = tuple(os.environ.get(k) for k in (
-            "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_MAX_ATTEMPTS"))
+        # One per set of boto3 settings, as common/s3.py keeps its clients: an S3Storage
+        # remembers what it synced, and the settings are read from the environment.
+        settings = s3.settings()
         if settings not in _s3_clients:
             _s3_clients[settings] = S3Storage()
         return _s3_clients[settings]

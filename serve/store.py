@@ -1,7 +1,7 @@
 """The model store: finding and fetching exported versions under a model base
-(`<export.uri>/<model_name>`), local or on S3, as common/layout.py lays
-them out: only complete versions count, and an S3 download is checked
-against the version's manifest.
+(`<export.uri>/<model_name>`), local or on S3 (with common/s3.py's client),
+as common/layout.py lays them out: only complete versions count, and an S3
+download is checked against the version's manifest.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import layout
+from common import layout, s3
 
 # A version not to be served: its files disagree with its manifest (or a check refused it).
 VersionError = layout.LayoutError
@@ -21,9 +21,9 @@ VersionError = layout.LayoutError
 def versions(base: str) -> list[int]:
     """Complete version numbers under `base`, ascending."""
     if base.startswith("s3://"):
-        bucket, prefix = _split(base)
+        bucket, prefix = s3.split(base)
         keys = [obj["Key"][len(prefix) + 1:]
-                for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+                for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
                 for obj in page.get("Contents", [])]
         return sorted(int(name) for name in layout.published(keys) if name.isdigit())
     return layout.local_versions(Path(base))
@@ -44,9 +44,9 @@ def fingerprint(base: str, version: int) -> str:
     """Changes when `version`'s files are replaced: a version refused once is
     checked again only then."""
     if base.startswith("s3://"):
-        bucket, prefix = _split(base)
+        bucket, prefix = s3.split(base)
         # Every object, not the marker alone: a damaged file uploaded again under the same manifest counts.
-        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{version}/")
+        pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{version}/")
         objects = [(o["Key"], o["ETag"], str(o["LastModified"])) for page in pages for o in page.get("Contents", [])]
         return hashlib.sha256(repr(objects).encode()).hexdigest()
     root = Path(base) / str(version)
@@ -59,7 +59,7 @@ def local_path(base: str, version: int, cache_dir: str) -> Path:
     """A local directory holding `version` (downloaded once, for S3)."""
     if not base.startswith("s3://"):
         return Path(base) / str(version)
-    bucket, prefix = _split(base)
+    bucket, prefix = s3.split(base)
     key = hashlib.sha256(f"{base}/{version}".encode()).hexdigest()[:16]
     dest = Path(cache_dir) / f"{key}-{version}"
     if dest.is_dir():
@@ -83,7 +83,7 @@ def _download(bucket: str, version_prefix: str, into: Path) -> None:
     """Fetch the files `version_prefix`'s manifest lists into `into`, checking each one's SHA-256."""
     from botocore.exceptions import ClientError
 
-    client = _s3()
+    client = s3.client()
     where = f"s3://{bucket}/{version_prefix}"
     body = client.get_object(Bucket=bucket, Key=f"{version_prefix}/{layout.MARKER}")["Body"].read()
 
@@ -97,26 +97,3 @@ def _download(bucket: str, version_prefix: str, into: Path) -> None:
 
     layout.fetch(body, where, into, download)
 
-
-def _split(uri: str) -> tuple[str, str]:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    return bucket, prefix.strip("/")
-
-
-_clients: dict[tuple, object] = {}
-
-
-def _s3():
-    """One client per set of boto3 settings: the watcher asks every few seconds,
-    and making a client costs tens of milliseconds."""
-    import boto3
-    from botocore.config import Config
-
-    custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    settings = (custom, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
-    if settings not in _clients:
-        _clients[settings] = boto3.client("s3", config=Config(
-            retries={"mode": "standard"}, s3={"addressing_style": "path" if custom else "auto"},
-            # Without these a stalled endpoint hangs the watcher (or the sync sidecar) for good.
-            connect_timeout=5, read_timeout=30))
-    return _clients[settings]

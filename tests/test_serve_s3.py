@@ -104,5 +104,7 @@ def test_a_manifest_cannot_write_outside_the_download(s3, tmp_path):
 
 def test_the_client_times_out_and_retries_in_standard_mode(s3):
     # A stalled endpoint must not hang the watcher or the sync sidecar for good.
-    config = store._s3().meta.config
+    from common import s3 as common_s3
+
+    config = common_s3.client().meta.config
     assert (config.connect_timeout, config.read_timeout, config.retries["mode"]) == (5, 30, "standard")
