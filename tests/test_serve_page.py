@@ -280,7 +280,8 @@ def test_the_built_package_carries_the_page_and_its_sample_photos(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
 
     # The service's own start-up needs the code both images share, too.
-    expected = ["serve/static/index.html", "serve/static/samples/README.md", "common/tfquiet.py"]
+    expected = ["serve/static/index.html", "serve/static/samples/README.md", "common/tfquiet.py",
+                "common/images.py", "common/s3.py"]
     expected += [f"serve/static/samples/{name}.png" for name in CLASSES]
     with zipfile.ZipFile(wheel) as archive:
         missing = [path for path in expected if path not in archive.namelist()]
