@@ -3,12 +3,16 @@ a free port, the one wait helper, a small run's overrides, publishing a model
 version, `cifar-serve` as a subprocess, and a stand-in for a data set's host."""
 
 import http.server
+import io
 import json
 import os
+import pickle
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -182,6 +186,52 @@ def assert_agree(a: np.ndarray, b: np.ndarray) -> None:
 
 REAL_SMALL = Path(__file__).parent / "data" / "cifar10-real-small.tar.gz"  # 500 real CIFAR-10 images (data/README.md)
 REPO = Path(__file__).resolve().parents[1]
+
+
+def real_small(folder: Path) -> Path:
+    """The 500 real images of tests/data, extracted under `folder`; returns their cifar-10-batches-bin/."""
+    with tarfile.open(REAL_SMALL) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "cifar-10-batches-bin"
+
+
+def chw_rows(images):
+    """Each image as the 3072 bytes CIFAR-10's formats store: the R plane, then G, then B."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2 str, the way the original files were made."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        obj = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+
+
+def write_python(folder, batches, protocol=2, legacy_numpy=False, py2=False):
+    """`batches` ({split name: (images, labels)}) in CIFAR-10's python layout under `folder`: a pickled
+    dict per split, as the original files (numpy 1.x, Python 2 pickles with `py2`) or a newer pickle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (images, labels) in batches.items():
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": chw_rows(images)}
+        if py2:
+            buf = io.BytesIO()
+            Py2Pickler(buf, protocol=2).dump(batch)
+            blob = buf.getvalue()
+        else:
+            blob = pickle.dumps(batch, protocol=protocol)
+        if legacy_numpy:  # what the original files (numpy 1.x) name the global
+            blob = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+        (folder / name).write_bytes(blob)
+    return folder
 
 
 def clean_env(**extra: str) -> dict[str, str]:

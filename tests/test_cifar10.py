@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import socket
-import struct
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +15,10 @@ from job import cifar10
 from job.cifar10 import load_cifar10
 from job.errors import DataError
 
-from helpers import REAL_SMALL
+from helpers import REAL_SMALL, chw_rows, real_small, write_python
 
 TRAIN_COUNTS = (7, 7, 7, 7, 7)
 N_TEST = 5
-
-
-def real_small(folder: Path) -> Path:
-    """The 500 real images of tests/data, extracted under `folder`; returns their cifar-10-batches-bin/."""
-    with tarfile.open(REAL_SMALL) as tar:
-        tar.extractall(folder, filter="data")
-    return folder / "cifar-10-batches-bin"
 
 
 def make_batches(train_counts=TRAIN_COUNTS, n_test=N_TEST, seed=0):
@@ -41,48 +31,11 @@ def make_batches(train_counts=TRAIN_COUNTS, n_test=N_TEST, seed=0):
     }
 
 
-def chw_rows(images):
-    """Each image as the 3072 bytes the formats store: the R plane, then G, then B."""
-    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-
-
 def write_binary(folder, batches):
     folder.mkdir(parents=True, exist_ok=True)
     for name, (images, labels) in batches.items():
         records = np.concatenate([labels.astype(np.uint8)[:, None], chw_rows(images)], axis=1)
         (folder / f"{name}.bin").write_bytes(records.tobytes())
-    return folder
-
-
-class Py2Pickler(pickle._Pickler):
-    """Writes bytes and str as Python 2 str, the way the original files were made."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        obj = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = dispatch[str] = save_py2_str
-
-
-def write_python(folder, batches, protocol=2, legacy_numpy=False, py2=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, (images, labels) in batches.items():
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": chw_rows(images)}
-        if py2:
-            buf = io.BytesIO()
-            Py2Pickler(buf, protocol=2).dump(batch)
-            blob = buf.getvalue()
-        else:
-            blob = pickle.dumps(batch, protocol=protocol)
-        if legacy_numpy:  # what the original files (numpy 1.x) name the global
-            blob = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
-        (folder / name).write_bytes(blob)
     return folder
 
 

@@ -133,7 +133,7 @@ def test_every_k8s_container_that_reads_s3_reaches_it_as_the_training_job_does()
 def test_every_compose_service_that_reads_s3_reaches_minio():
     from urllib.parse import urlparse
 
-    from test_containers import compose_config
+    from helpers import compose_config
 
     services = compose_config()["services"]
     minio = services["minio"]["environment"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import SECRET, small_overrides
+from helpers import REAL_SMALL, SECRET, real_small, small_overrides, write_python
 from job import storage
 from job.errors import StorageError
 
@@ -143,7 +143,6 @@ def _data_config(uri, tmp_path, source="cifar10"):
 def _python_layout(binary_folder, folder):
     """The same images as the real binary files, in the python layout."""
     from job import cifar10
-    from test_cifar10 import write_python
 
     return write_python(folder, {name: cifar10._parse_binary(binary_folder / f"{name}.bin", name)
                                  for name in cifar10.SPLITS})
@@ -167,8 +166,6 @@ def gets(s3):
 def test_a_prefix_reads_like_the_local_directory(s3, tmp_path, layout, slash):
     from job import sources
 
-    from test_cifar10 import real_small
-
     binary = real_small(tmp_path / "real")
     local = {"binary": binary, "binary-subfolder": binary.parent,
              "python-subfolder": _python_layout(binary, tmp_path / "py" / "cifar-10-batches-py").parent}[layout]
@@ -186,7 +183,6 @@ def test_a_prefix_is_cached_by_etag_and_follows_changes(s3, tmp_path, gets):
 
     from job import cifar10, sources
     from job.errors import DataError
-    from test_cifar10 import real_small
 
     folder = real_small(tmp_path / "real")
     _upload_tree(s3, folder, "real/")
@@ -214,7 +210,6 @@ def test_a_cached_archive_is_not_downloaded_again(s3, tmp_path, gets):
     import boto3
 
     from job import sources
-    from test_cifar10 import REAL_SMALL
 
     boto3.client("s3").upload_file(str(REAL_SMALL), s3, "real.tar.gz")
     cfg = _data_config(f"s3://{s3}/real.tar.gz", tmp_path)
