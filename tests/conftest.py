@@ -58,6 +58,23 @@ def client(app):
 
 
 @pytest.fixture
+def make_app():
+    """create_app(settings, ...) for one test: every app it made has its model watcher closed when the test
+    ends, so none loads models beside later tests (or polls storage whose settings are gone)."""
+    from serve.app import create_app
+
+    made = []
+
+    def make(settings, **kwargs):
+        made.append(create_app(settings, **kwargs))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.extensions["predictor"].backend.close()
+
+
+@pytest.fixture
 def no_cifar_env(monkeypatch):
     """No CIFAR_* variable from the outer environment reaches the test (helpers.clean_env is the same
     environment for a subprocess)."""

@@ -1,6 +1,7 @@
 """What the tests share that is not a fixture (the fixtures are in conftest.py):
-a free port, the one wait helper, a small run's overrides, publishing a model
-version, `cifar-serve` as a subprocess, and a stand-in for a data set's host."""
+a free port, the one wait helper, a small run's overrides, test images and their
+PNG files, publishing a model version (locally, or a copy on S3), `cifar-serve`
+as a subprocess, a stand-in for a data set's host, and CIFAR-10's own files."""
 
 import http.server
 import io
@@ -22,9 +23,25 @@ import pytest
 import yaml
 
 SECRET = "s3cr3t-never-printed-0123456789"
+
+
+def pixels(n: int, seed: int = 0, side: int = 32) -> np.ndarray:
+    """`n` random RGB images of `side` x `side` (uint8, NHWC), the same for the same seed."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+
+
+def png(image: np.ndarray) -> bytes:
+    """One image (HWC uint8) as the bytes of a PNG file."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
 # The probe batch of the shared export (conftest's exported_model; what the service checks a version's
 # answers on), and the pixels the service tests send it.
-PROBE = np.random.default_rng(11).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+PROBE = pixels(6, seed=11)
 
 
 def small_overrides(tmp_path, **extra) -> list[str]:
@@ -72,24 +89,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def publish(base: Path, net, probe, accuracy: float = 0.9, shift: float = 0.0) -> Path:
-    """Export `net` as the next version under `base` and make it appear whole (exported aside, then
-    renamed in), as a version published by the job does; returns its directory. A `shift` is added
-    to its recorded probe probabilities first, as for a version whose answers changed."""
-    import numpy as np
-
+def publish(base: Path, net, probe, accuracy: float = 0.9, tamper: bool = False) -> Path:
+    """Export `net` (with `probe` as its probe batch and `accuracy` as its test accuracy) as the next
+    version under `base`, appearing whole as the job's versions do; returns its directory.
+    With `tamper`, its probe record is tampered with first (tamper_probe_record), as for a version whose
+    answers changed."""
     from job import export
 
     staging = base.parent / "staging"
     version = export.export(net, str(staging), base.name, {"test_accuracy": accuracy}, probe)[0]
-    if shift:
-        record = staging / base.name / str(version) / "assets.extra" / "probe_outputs.npz"
-        with np.load(record) as saved:
-            outputs = dict(saved)
-        np.savez(record, **{**outputs, "probabilities": outputs["probabilities"] + shift})
+    if tamper:
+        tamper_probe_record(staging / base.name / str(version))
+    return rename_in(staging / base.name / str(version), base)
+
+
+def tamper_probe_record(version_dir: Path) -> None:
+    """Add ten times what the service allows (serve.checks.PROBE_ATOL, so 0.001) to the first class's
+    probability in the probe record of the version at `version_dir`, the rest of the version unchanged."""
+    from serve.checks import PROBE_ATOL
+
+    record = version_dir / "assets.extra" / "probe_outputs.npz"
+    with np.load(record) as saved:
+        outputs = dict(saved)
+    outputs["probabilities"][:, 0] += 10 * PROBE_ATOL
+    np.savez(record, **outputs)
+
+
+def publish_copy(base: Path, exported_model: Path, damage=None) -> Path:
+    """A copy of version 1 of `exported_model` (a model folder, as conftest's) as the next version under
+    `base`, `damage`(directory) done to it first, appearing whole by a rename as the job publishes;
+    returns its directory."""
+    staging = base.parent / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(exported_model / "1", staging)
+    if damage:
+        damage(staging)
+    return rename_in(staging, base)
+
+
+def garbage_graph(version_dir: Path) -> None:
+    """A damage for publish_copy: the version's graph is not a SavedModel."""
+    (version_dir / "saved_model.pb").write_bytes(b"not a SavedModel")
+
+
+# An exported version's weights: the file a damaged version lacks or holds other bytes in.
+WEIGHTS = "variables/variables.data-00000-of-00001"
+
+
+def republish(bucket: str, src: str, dst: str, damage: dict[str, bytes | None] | None = None) -> None:
+    """Publish a copy of the version at `src` on S3 as `dst` the way the job does (the marker
+    last, unchanged); `damage` gives some files other bytes, or (None) leaves them out."""
+    import boto3
+
+    from common import layout
+
+    damage = damage or {}
+    client = boto3.client("s3")
+    rels = [o["Key"][len(src) + 1:] for o in client.list_objects_v2(Bucket=bucket, Prefix=src + "/")["Contents"]]
+    rels.sort(key=lambda rel: rel == layout.MARKER)
+    assert WEIGHTS in rels and rels[-1] == layout.MARKER
+    for rel in rels:
+        if rel not in damage:
+            client.copy_object(Bucket=bucket, Key=f"{dst}/{rel}", CopySource={"Bucket": bucket, "Key": f"{src}/{rel}"})
+        elif damage[rel] is not None:
+            client.put_object(Bucket=bucket, Key=f"{dst}/{rel}", Body=damage[rel])
+
+
+def rename_in(version_dir: Path, base: Path) -> Path:
+    """Rename the complete version directory `version_dir` in as the next version under `base` (made if
+    missing), so that it appears whole, as the job's versions do; returns its new directory."""
     base.mkdir(exist_ok=True)
     target = base / str(1 + max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0))
-    os.rename(staging / base.name / str(version), target)
+    os.rename(version_dir, target)
     return target
 
 
@@ -259,7 +330,7 @@ def compose_config() -> dict:
 
 
 # What a trained model answers is read on this batch (outputs), by the train and resume tests.
-OUTPUTS_PROBE = np.random.default_rng(7).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+OUTPUTS_PROBE = pixels(64, seed=7)
 
 
 def outputs(model_uri: str) -> np.ndarray:

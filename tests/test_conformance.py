@@ -9,18 +9,17 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
-from helpers import free_port, url_ready, wait_until
+from helpers import free_port, pixels, tamper_probe_record, url_ready, wait_until
 from serve.app import create_app
 from serve.cli import main
 from serve.settings import Settings
 from tfserving_standin import FakeTFServing, start_server
 
-PIXELS = np.random.default_rng(5).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(5, seed=5)
 KEY = "conformance-key"
 # Every check the command runs for this model with --export (the export has both signatures).
 CHECKS = ["v1 model status", "v1 metadata", "v1 row format (instances)", "v1 columnar format (inputs)",
@@ -146,10 +145,7 @@ def test_answers_unlike_the_exports_probe_record_fail(inprocess, exported, tmp_p
     # Another export's record for the same probe images: what TF Serving would answer for that SavedModel.
     other = tmp_path / "cifar10" / "1"
     shutil.copytree(f"{exported}/assets.extra", other / "assets.extra")
-    with np.load(other / "assets.extra" / "probe_outputs.npz") as record:
-        outputs = dict(record)
-    outputs["probabilities"][:, 0] += 0.001
-    np.savez(other / "assets.extra" / "probe_outputs.npz", **outputs)
+    tamper_probe_record(other)  # 0.001 more for the first class
     with serving(inprocess) as url:
         code, lines = conformance(capsys, url, "--export", str(other), "--api-key", KEY)
     assert code == 1

@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from helpers import pixels
 from job import export, model, storage
 from job.sources import CLASS_NAMES
 from job.errors import JobError
 
-PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(5, seed=3)
 
 
 @pytest.fixture(scope="module")

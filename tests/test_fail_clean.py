@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pytest
 
-from helpers import small_overrides, wait_until
+from helpers import pixels, small_overrides, wait_until
 from job import checkpoints, export, model, storage
 from job.config import load_config
 from job.errors import ConfigError, JobError, StorageError
@@ -33,7 +32,7 @@ from job.report import Console
 from s3proxy import S3Proxy
 
 REPO = Path(__file__).resolve().parents[1]
-PIXELS = np.random.default_rng(3).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(4, seed=3)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 

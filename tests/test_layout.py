@@ -6,16 +6,16 @@ the same names."""
 import json
 
 import boto3
-import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from common import layout
+from helpers import pixels
 from job import export, model
 from serve import checks, store
 
-PROBE = np.random.default_rng(2).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+PROBE = pixels(4, seed=2)
 NAMES = tuple(f"class {i}" for i in range(10))  # a space in each: one name per line, as written
 
 

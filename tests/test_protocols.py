@@ -2,25 +2,19 @@
 (outputs -> response body), as pure functions: no app, no request, no model."""
 
 import base64
-import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import pixels, png
 from serve import page, schemas, v1, v2
 from serve.images import BadInput
 
-PIXELS = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(2, seed=3)
 OUTPUTS = {"class_id": np.array([3, 5]), "label": np.array(["cat", "dog"], dtype=object),
            "probabilities": np.full((2, 10), 0.1, dtype=np.float32)}
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_v1_decodes_row_and_columnar_bodies_to_the_same_images():

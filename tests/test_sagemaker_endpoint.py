@@ -11,13 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import wait_until
+from helpers import pixels, png, wait_until
 from serve import cli
 from serve import settings as settings_module
-from serve.app import create_app
 from serve.settings import Settings
 
-PIXELS = np.random.default_rng(5).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(3, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +35,16 @@ def sagemaker_dir(monkeypatch, tmp_path):
     return root
 
 
-def started(settings):
-    app = create_app(settings)
-    return app, app.test_client()
-
-
-def png(pixels) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def test_ping_is_503_until_a_model_loads_then_200(sagemaker_dir, export_root, tmp_path):
-    app, c = started(Settings(poll_seconds=0.1))
-    try:
-        assert c.get("/ping").status_code == 503
-        assert c.get("/healthz").status_code == 200  # alive, only not ready
-        # A bare version appears whole, as an unpacked archive packed by hand would hold it.
-        shutil.copytree(export_root / "cifar10" / "1", tmp_path / "staging")
-        (tmp_path / "staging").rename(sagemaker_dir / "1")
-        wait_until(lambda: c.get("/ping").status_code == 200)
-        predicted = c.post("/invocations", data=png(PIXELS[0]), content_type="image/png")
-        assert predicted.status_code == 200 and predicted.json["model_version"] == 1
-    finally:
-        app.extensions["predictor"].backend.close()
+def test_ping_is_503_until_a_model_loads_then_200(sagemaker_dir, export_root, tmp_path, make_app):
+    c = make_app(Settings(poll_seconds=0.1)).test_client()
+    assert c.get("/ping").status_code == 503
+    assert c.get("/healthz").status_code == 200  # alive, only not ready
+    # A bare version appears whole, as an unpacked archive packed by hand would hold it.
+    shutil.copytree(export_root / "cifar10" / "1", tmp_path / "staging")
+    (tmp_path / "staging").rename(sagemaker_dir / "1")
+    wait_until(lambda: c.get("/ping").status_code == 200)
+    predicted = c.post("/invocations", data=png(PIXELS[0]), content_type="image/png")
+    assert predicted.status_code == 200 and predicted.json["model_version"] == 1
 
 
 def test_invocations_with_json_answers_as_tf_serving_predict(client, export_root):
@@ -98,29 +83,23 @@ def test_an_image_that_does_not_decode_is_a_400(client):
     assert answer.status_code == 400 and "not a PNG or JPEG" in answer.json["error"]
 
 
-def test_invocations_needs_the_api_key_when_keys_are_on(export_root):
-    app, c = started(Settings(model_uri=str(export_root / "cifar10"), api_keys=["k1"], poll_seconds=0.2))
-    try:
-        wait_until(lambda: c.get("/ping").status_code == 200)  # the health check stays open
-        assert c.post("/invocations", json={"instances": PIXELS[:1].tolist()}).status_code == 401
-        answer = c.post("/invocations", json={"instances": PIXELS[:1].tolist()}, headers={"X-API-Key": "k1"})
-        assert answer.status_code == 200
-    finally:
-        app.extensions["predictor"].backend.close()
+def test_invocations_needs_the_api_key_when_keys_are_on(export_root, make_app):
+    c = make_app(Settings(model_uri=str(export_root / "cifar10"), api_keys=["k1"], poll_seconds=0.2)).test_client()
+    wait_until(lambda: c.get("/ping").status_code == 200)  # the health check stays open
+    assert c.post("/invocations", json={"instances": PIXELS[:1].tolist()}).status_code == 401
+    answer = c.post("/invocations", json={"instances": PIXELS[:1].tolist()}, headers={"X-API-Key": "k1"})
+    assert answer.status_code == 200
 
 
-def test_the_jobs_export_in_sagemakers_model_dir_is_served(sagemaker_dir, export_root):
+def test_the_jobs_export_in_sagemakers_model_dir_is_served(sagemaker_dir, export_root, make_app):
     assert Settings().model_uri == str(sagemaker_dir)  # empty: bare versions may still come
     shutil.copytree(export_root / "cifar10", sagemaker_dir / "cifar10")
     settings = Settings(poll_seconds=0.2)
     # The job's layout: the one model base inside, and its name in the routes.
     assert settings.model_uri == str(sagemaker_dir / "cifar10") and settings.name == "cifar10"
-    app, c = started(settings)
-    try:
-        wait_until(lambda: c.get("/ping").status_code == 200)
-        assert c.post("/invocations", json={"instances": PIXELS[:1].tolist()}).status_code == 200
-    finally:
-        app.extensions["predictor"].backend.close()
+    c = make_app(settings).test_client()
+    wait_until(lambda: c.get("/ping").status_code == 200)
+    assert c.post("/invocations", json={"instances": PIXELS[:1].tolist()}).status_code == 200
     assert Settings(model_uri="s3://b/other").model_uri == "s3://b/other"  # an explicit URI wins
 
 

@@ -19,39 +19,13 @@ import tensorflow as tf
 from PIL import Image
 from werkzeug.serving import make_server
 
-from helpers import PROBE, ServeProcess, wait_until
+from helpers import PROBE, ServeProcess, png, publish, wait_until
 from job import export, model
 from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
 
 PIXELS = PROBE  # the shared export knows its answers to these
-OPEN_APPS = []
-
-
-def make_app(settings):
-    app = create_app(settings)
-    OPEN_APPS.append(app)
-    return app
-
-
-def close(app):
-    app.extensions["predictor"].backend.close()
-
-
-@pytest.fixture(autouse=True)
-def close_apps():
-    """Stop each test's model watchers: a watcher left running would load
-    models beside later tests (and poll storage whose settings are gone)."""
-    before = len(OPEN_APPS)
-    yield
-    while len(OPEN_APPS) > before:
-        close(OPEN_APPS.pop())
-
-
-def publish(base, net=None) -> str:
-    """Export a model version the way the job does; returns its directory."""
-    return export.export(net or model.build("simple_cnn"), str(base.parent), base.name, {}, PIXELS)[1]
 
 
 def own_outputs(version_dir: str, pixels: np.ndarray) -> np.ndarray:
@@ -59,13 +33,7 @@ def own_outputs(version_dir: str, pixels: np.ndarray) -> np.ndarray:
     return sig(images=tf.constant(pixels))["probabilities"].numpy()
 
 
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def test_health_and_readiness(client, tmp_path):
+def test_health_and_readiness(client, tmp_path, make_app):
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.get("/readyz").json == {"status": "ready", "model": "cifar10", "version": 1}
     assert client.get("/v2/health/live").json == {"live": True}
@@ -208,7 +176,7 @@ def test_pixel_values_follow_one_rule_on_every_route(client):
         assert refused.status_code == 400 and "whole numbers from 0 to 255" in refused.json["error"]
 
 
-def test_limits_api_keys_cors_and_request_ids(exported_model):
+def test_limits_api_keys_cors_and_request_ids(exported_model, make_app):
     settings = Settings(model_uri=str(exported_model), max_body_bytes=4096, max_instances=2, api_keys=["k1", "k2"],
                         cors_origins=["https://app.example"], poll_seconds=0.2)
     c = make_app(settings).test_client()
@@ -228,7 +196,7 @@ def test_limits_api_keys_cors_and_request_ids(exported_model):
     assert traced.headers["X-Request-ID"] == "abc123" and len(c.get("/healthz").headers["X-Request-ID"]) == 32
 
 
-def test_instances_over_the_limit_are_refused(exported_model):
+def test_instances_over_the_limit_are_refused(exported_model, make_app):
     c = make_app(Settings(model_uri=str(exported_model), max_instances=2, poll_seconds=0.2)).test_client()
     wait_until(lambda: c.get("/readyz").status_code == 200)
     answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:3].tolist()})
@@ -245,10 +213,10 @@ def test_metrics_and_the_page(client):
 
 
 @pytest.fixture
-def live_server(tmp_path):
+def live_server(tmp_path, make_app):
     """The app on a real socket, for concurrent clients; a fresh model base it can watch."""
     base = tmp_path / "cifar10"
-    publish(base)
+    publish(base, model.build("simple_cnn"), PIXELS)
     app = make_app(Settings(model_uri=str(base), poll_seconds=0.2, max_batch_size=16, batch_timeout_ms=5))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -298,7 +266,7 @@ def test_a_new_version_is_served_without_a_restart_or_a_failed_request(live_serv
     for t in threads:
         t.start()
     time.sleep(0.5)
-    new_dir = publish(base)
+    new_dir = publish(base, model.build("simple_cnn"), PIXELS)
     wait_until(lambda: requests.get(url + "/readyz").json()["version"] == 2)
     time.sleep(0.5)
     stop.set()
@@ -307,7 +275,7 @@ def test_a_new_version_is_served_without_a_restart_or_a_failed_request(live_serv
     assert failures == [] and versions == {"1", "2"}
     answer = requests.post(f"{url}/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()}).json()
     np.testing.assert_allclose([p["probabilities"] for p in answer["predictions"]],
-                               own_outputs(new_dir, PIXELS), atol=1e-6)
+                               own_outputs(str(new_dir), PIXELS), atol=1e-6)
 
 
 def test_tritonclient_speaks_to_the_v2_routes(live_server):
@@ -332,7 +300,7 @@ def test_tritonclient_speaks_to_the_v2_routes(live_server):
     assert [v.decode() for v in result.as_numpy("label")] == [labels[i] for i in expected.argmax(axis=1)]
 
 
-def test_a_model_on_s3_is_served(s3, tmp_path):
+def test_a_model_on_s3_is_served(s3, tmp_path, make_app):
     import boto3
 
     remote = f"s3://{s3}/models"

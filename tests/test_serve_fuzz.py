@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import pixels, png
 from serve.app import create_app
 from serve.settings import Settings
 
@@ -383,12 +384,6 @@ def test_upload_of_any_image_bytes_never_5xx(client, image, how):
 
 # --- a battery of malformed requests ---------------------------------------------------
 
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
 def broken_png() -> bytes:
     """A PNG whose second data chunk has a garbage chunk type (Pillow raises SyntaxError for it)."""
     compressed = zlib.compress(b"".join(b"\x00" + bytes(range(96)) for _ in range(32)))
@@ -412,7 +407,7 @@ def gif() -> bytes:
     return out.getvalue()
 
 
-PIXELS = np.random.default_rng(5).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(1, seed=5)[0]
 GOOD_PNG = png(PIXELS)
 V1 = f"/v1/models/{NAME}:predict"
 V2 = f"/v2/models/{NAME}/infer"

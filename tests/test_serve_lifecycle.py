@@ -13,27 +13,19 @@ import subprocess
 import threading
 import time
 
-import numpy as np
 import pytest
 
-import helpers
-from helpers import ServeProcess, url_ready, wait_until
+from helpers import ServeProcess, pixels, publish, url_ready, wait_until
 from job import model
 from serve import rollout
 
-PIXELS = np.random.default_rng(5).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(1, seed=5)
 BODY = json.dumps({"instances": PIXELS.tolist()})
 
 
 @pytest.fixture(scope="module")
 def net():
     return model.build("simple_cnn")
-
-
-def publish(base, net, tamper=False):
-    """Export the next version and make it appear whole, as the job does;
-    `tamper` changes its probe record, as a version whose answers changed."""
-    helpers.publish(base, net, PIXELS, shift=0.01 if tamper else 0.0)
 
 
 class Service(ServeProcess):
@@ -62,7 +54,7 @@ def service(tmp_path, net):
     started = []
 
     def start(workers, **env):
-        publish(tmp_path / "cifar10", net)
+        publish(tmp_path / "cifar10", net, PIXELS)
         started.append(Service(tmp_path / "cifar10", workers, **env))
         started[-1].wait_ready(timeout=120)
         return started[-1]
@@ -109,9 +101,9 @@ def test_a_version_switch_under_load_never_goes_backwards(tmp_path, net, service
     for c in clients:
         c.start()
     time.sleep(1)
-    publish(tmp_path / "cifar10", net, tamper=True)  # version 2: refused by every worker, told once
+    publish(tmp_path / "cifar10", net, PIXELS, tamper=True)  # version 2: refused by every worker, told once
     wait_until(lambda: "refused cifar10 version 2" in svc.output(), timeout=120)
-    publish(tmp_path / "cifar10", net)
+    publish(tmp_path / "cifar10", net, PIXELS)
     wait_until(lambda: any(a[3] == "3" for a in answers), timeout=120)
     time.sleep(1)
     stop.set()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import url_ready, wait_until
+from helpers import pixels, png, url_ready, wait_until
 
 pytestmark = pytest.mark.slow  # a real chromium for every test (and a wheel built for one)
 
@@ -156,8 +156,7 @@ def test_uploading_a_file_that_is_not_an_image_shows_the_error(page, tmp_path):
 
 
 def png_file(path: Path, seed: int) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
+    path.write_bytes(png(pixels(1, seed, side=64)[0]))
     return path
 
 

@@ -6,18 +6,14 @@ server, never a mocked boto3."""
 import re
 
 import boto3
-import numpy as np
 import pytest
 
-from common import layout
-from helpers import wait_until
+from helpers import WEIGHTS, pixels, republish, wait_until
 from job import export, model
 from serve import store
-from serve.app import create_app
 from serve.settings import Settings
 
-PIXELS = np.random.default_rng(5).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-DATA = "variables/variables.data-00000-of-00001"
+PIXELS = pixels(2, seed=5)
 
 
 @pytest.fixture
@@ -27,56 +23,38 @@ def source(s3):
     return s3, "src/cifar10/1"
 
 
-def republish(bucket: str, src: str, dst: str, damage: dict[str, bytes | None] | None = None) -> None:
-    """Publish a copy of the version at `src` as `dst` the way the job does (the marker
-    last, unchanged); `damage` gives some files other bytes, or (None) leaves them out."""
-    damage = damage or {}
-    client = boto3.client("s3")
-    rels = [o["Key"][len(src) + 1:] for o in client.list_objects_v2(Bucket=bucket, Prefix=src + "/")["Contents"]]
-    rels.sort(key=lambda rel: rel == layout.MARKER)
-    assert DATA in rels and rels[-1] == layout.MARKER
-    for rel in rels:
-        if rel not in damage:
-            client.copy_object(Bucket=bucket, Key=f"{dst}/{rel}", CopySource={"Bucket": bucket, "Key": f"{src}/{rel}"})
-        elif damage[rel] is not None:
-            client.put_object(Bucket=bucket, Key=f"{dst}/{rel}", Body=damage[rel])
-
-
 def refresh_failures(client) -> float:
     found = re.search(r"^cifar_serve_model_refresh_failures_total (\S+)$", client.get("/metrics").text, re.M)
     return float(found.group(1))
 
 
 @pytest.mark.slow
-def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving(source, tmp_path, caplog):
+def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving(source, tmp_path, caplog, make_app):
     bucket, src = source
     republish(bucket, src, "models/cifar10/1")
     cache = tmp_path / "cache"
-    app = create_app(Settings(model_uri=f"s3://{bucket}/models/cifar10", poll_seconds=0.2, cache_dir=str(cache)))
+    app = make_app(Settings(model_uri=f"s3://{bucket}/models/cifar10", poll_seconds=0.2, cache_dir=str(cache)))
     backend = app.extensions["predictor"].backend
-    try:
-        c = app.test_client()
-        wait_until(lambda: c.get("/readyz").status_code == 200)
-        failures = refresh_failures(c)
+    c = app.test_client()
+    wait_until(lambda: c.get("/readyz").status_code == 200)
+    failures = refresh_failures(c)
 
-        republish(bucket, src, "models/cifar10/2", damage={DATA: b"other bytes"})
-        damaged = f"s3://{bucket}/models/cifar10/2/{DATA}"
-        wait_until(lambda: damaged in backend.problems.get(2, ""))
-        assert "corrupt" in backend.problems[2] and "SHA-256" in backend.problems[2]
-        assert any(damaged in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
-        assert refresh_failures(c) > failures
-        assert c.get("/readyz").json["version"] == 1
-        answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()})
-        assert answer.status_code == 200 and len(answer.json["predictions"]) == 2
-        # Nothing of version 2 is left where a later load would find and trust it.
-        assert [p.name.rsplit("-", 1)[1] for p in cache.iterdir()] == ["1"]
+    republish(bucket, src, "models/cifar10/2", damage={WEIGHTS: b"other bytes"})
+    damaged = f"s3://{bucket}/models/cifar10/2/{WEIGHTS}"
+    wait_until(lambda: damaged in backend.problems.get(2, ""))
+    assert "corrupt" in backend.problems[2] and "SHA-256" in backend.problems[2]
+    assert any(damaged in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert refresh_failures(c) > failures
+    assert c.get("/readyz").json["version"] == 1
+    answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()})
+    assert answer.status_code == 200 and len(answer.json["predictions"]) == 2
+    # Nothing of version 2 is left where a later load would find and trust it.
+    assert [p.name.rsplit("-", 1)[1] for p in cache.iterdir()] == ["1"]
 
-        republish(bucket, src, "models/cifar10/3")
-        wait_until(lambda: c.get("/readyz").json.get("version") == 3)
-        assert c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()}).status_code == 200
-        assert set(backend.problems) == {2}  # still refused, and nothing else wrong
-    finally:
-        backend.close()
+    republish(bucket, src, "models/cifar10/3")
+    wait_until(lambda: c.get("/readyz").json.get("version") == 3)
+    assert c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()}).status_code == 200
+    assert set(backend.problems) == {2}  # still refused, and nothing else wrong
 
 
 def test_a_file_the_manifest_lists_must_be_there_and_nothing_else_is_fetched(source, tmp_path):
@@ -90,7 +68,7 @@ def test_a_file_the_manifest_lists_must_be_there_and_nothing_else_is_fetched(sou
     republish(bucket, src, "models/cifar10/2")
     boto3.client("s3").put_object(Bucket=bucket, Key="models/cifar10/2/stray.bin", Body=b"not published")
     copy = store.local_path(base, 2, str(tmp_path / "cache"))
-    assert (copy / DATA).is_file() and not (copy / "stray.bin").exists()
+    assert (copy / WEIGHTS).is_file() and not (copy / "stray.bin").exists()
 
 
 def test_a_manifest_cannot_write_outside_the_download(s3, tmp_path):

@@ -14,8 +14,7 @@ import time
 import pytest
 import requests
 
-from helpers import ServeProcess, wait_until
-from serve.app import create_app
+from helpers import WEIGHTS, ServeProcess, garbage_graph, publish_copy, wait_until
 from serve.settings import Settings
 
 # Root reads anything; without these capabilities it reads what its owner and mode allow, as an unprivileged
@@ -36,29 +35,11 @@ def run_unprivileged() -> tuple[str, ...]:
     return UNPRIVILEGED
 
 
-def publish_copy(base, exported_model, damage=None):
-    """The shared export as the next version under `base`, `damage`(directory) done to it
-    first, appearing whole by a rename as the job publishes; returns its directory."""
-    staging = base.parent / "staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(exported_model / "1", staging)
-    if damage:
-        damage(staging)
-    base.mkdir(exist_ok=True)
-    target = base / str(1 + max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0))
-    os.rename(staging, target)
-    return target
-
-
 def unreadable(version_dir):
     """As a version the job wrote as another user into a folder of mode 0700."""
     if os.geteuid() == 0:
         shutil.chown(version_dir, OTHER_USER, OTHER_USER)
     version_dir.chmod(0o700 if os.geteuid() == 0 else 0o000)
-
-
-def garbage_graph(version_dir):
-    (version_dir / "saved_model.pb").write_bytes(b"not a SavedModel")
 
 
 def no_variables(version_dir):
@@ -187,31 +168,27 @@ def test_an_s3_endpoint_that_does_not_answer_leaves_health_answering(service):
     assert svc.output().count("listing cifar10 versions under s3://models/cifar10 failed") == 1
 
 
-def test_a_version_missing_s3_files_is_refused_by_uri_and_the_reason_says_so(s3, tmp_path, exported_model):
+def test_a_version_missing_s3_files_is_refused_by_uri_and_the_reason_says_so(s3, tmp_path, exported_model, make_app):
     import boto3
 
     from common import layout
-    from test_serve_s3 import DATA
 
     client = boto3.client("s3")
     root = exported_model / "1"
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != DATA):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != WEIGHTS):
         client.upload_file(str(path), s3, f"models/cifar10/1/{path.relative_to(root).as_posix()}")
-    # Published whole as far as its marker says, which lists DATA, never uploaded.
+    # Published whole as far as its marker says, which lists WEIGHTS, never uploaded.
     client.put_object(Bucket=s3, Key=f"models/cifar10/1/{layout.MARKER}", Body=layout.manifest(root))
-    app = create_app(Settings(model_uri=f"s3://{s3}/models/cifar10", poll_seconds=0.1, cache_dir=str(tmp_path)))
-    try:
-        c = app.test_client()
-        wait_until(lambda: "refused" in (c.get("/readyz").json.get("reason") or ""))
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and f"s3://{s3}/models/cifar10/1/{DATA} is listed" in ready.json["reason"]
-        assert c.get("/healthz").status_code == 200
-    finally:
-        app.extensions["predictor"].backend.close()
+    settings = Settings(model_uri=f"s3://{s3}/models/cifar10", poll_seconds=0.1, cache_dir=str(tmp_path))
+    c = make_app(settings).test_client()
+    wait_until(lambda: "refused" in (c.get("/readyz").json.get("reason") or ""))
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and f"s3://{s3}/models/cifar10/1/{WEIGHTS} is listed" in ready.json["reason"]
+    assert c.get("/healthz").status_code == 200
 
 
 def test_a_full_model_cache_is_told_once_by_path_and_version_and_tried_again(tmp_path, exported_model, monkeypatch,
-                                                                               caplog):
+                                                                               caplog, make_app):
     from serve import store as model_store
 
     store = tmp_path / "cifar10"
@@ -225,15 +202,11 @@ def test_a_full_model_cache_is_told_once_by_path_and_version_and_tried_again(tmp
         raise OSError(errno.ENOSPC, "No space left on device", f"{cache_dir}/.download-{len(attempts)}/x")
 
     monkeypatch.setattr(model_store, "local_path", full)
-    app = create_app(Settings(model_uri=str(store), poll_seconds=0.05))
-    try:
-        c = app.test_client()
-        wait_until(lambda: len(attempts) >= 10, what="ten attempts")
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and "No space left on device" in ready.json["reason"]
-        told = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
-        assert len(told) == 1 and f"version 1 from {store / '1'}" in told[0], told
-        monkeypatch.setattr(model_store, "local_path", real)  # space freed: the next poll loads it
-        wait_until(lambda: c.get("/readyz").status_code == 200)
-    finally:
-        app.extensions["predictor"].backend.close()
+    c = make_app(Settings(model_uri=str(store), poll_seconds=0.05)).test_client()
+    wait_until(lambda: len(attempts) >= 10, what="ten attempts")
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and "No space left on device" in ready.json["reason"]
+    told = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(told) == 1 and f"version 1 from {store / '1'}" in told[0], told
+    monkeypatch.setattr(model_store, "local_path", real)  # space freed: the next poll loads it
+    wait_until(lambda: c.get("/readyz").status_code == 200)

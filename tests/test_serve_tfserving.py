@@ -4,7 +4,6 @@ exported SavedModel, through the real Flask app."""
 
 import base64
 import contextvars
-import io
 import threading
 import time
 from concurrent import futures
@@ -14,15 +13,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
-from helpers import wait_until
+from helpers import pixels, png, wait_until
 from tfserving_standin import AVAILABLE, LOADING, FakeTFServing, start_server
-from serve.app import create_app
 from serve.batching import request_ids
 from serve.settings import Settings
 
-PIXELS = np.random.default_rng(7).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+PIXELS = pixels(3, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -51,24 +48,18 @@ def upstream(exported):
 
 
 @pytest.fixture
-def make_client(upstream):
+def make_client(upstream, make_app):
     """A fresh app (and backend) on the fake, closed after the test."""
     fake, port = upstream
     fake.reset()
-    apps = []
 
     def make(port=port, **overrides):
         values = {"backend": "tfserving", "tfserving_address": f"127.0.0.1:{port}", "model_name": "cifar10",
                   "poll_seconds": 0.05, **overrides}
-        settings = Settings(**values)
-        app = create_app(settings)
-        apps.append(app)
-        return app.test_client()
+        return make_app(Settings(**values)).test_client()
 
     yield make
     fake.release.set()
-    for app in apps:
-        app.extensions["predictor"].backend.close()
 
 
 def wait_for(client, path, status, seconds=5.0):
@@ -82,12 +73,6 @@ def wait_for(client, path, status, seconds=5.0):
 
 def expected(signature, pixels):
     return signature(images=tf.constant(pixels))["probabilities"].numpy()
-
-
-def png_b64(image):
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def test_ready_only_once_tf_serving_reports_a_version_available(upstream, make_client):
@@ -119,7 +104,7 @@ def test_v1_predict_nested_lists_and_png_give_the_saved_models_probabilities(ups
     fake.float_val = float_val
     client = make_client()
     response = client.post("/v1/models/cifar10:predict", json={"instances": [
-        PIXELS[0].tolist(), {"b64": png_b64(PIXELS[1])}, PIXELS[2].tolist()]})
+        PIXELS[0].tolist(), {"b64": base64.b64encode(png(PIXELS[1])).decode()}, PIXELS[2].tolist()]})
     assert response.status_code == 200, response.get_json()
     assert response.headers["X-Model-Version"] == "1"
     predictions = response.get_json()["predictions"]
@@ -193,7 +178,7 @@ def test_a_batch_of_many_long_request_ids_still_goes_through(upstream, make_clie
 def test_a_batch_larger_than_grpcs_default_4mb_goes_through(make_client, signature):
     client = make_client(max_instances=2000)
     backend = client.application.extensions["predictor"].backend
-    batch = np.random.default_rng(1).integers(0, 256, size=(1500, 32, 32, 3), dtype=np.uint8)
+    batch = pixels(1500, seed=1)
     assert batch.nbytes > 4 * 1024 * 1024
     outputs, loaded = backend.predict(batch)
     probabilities = outputs["probabilities"]
@@ -275,58 +260,49 @@ def tf_serving_rest(outputs):
 
 
 def test_v1_answers_are_tf_servings_for_the_savedmodel_and_the_same_bytes_through_both_backends(
-        upstream, make_client, signatures, exported):
-    in_process = create_app(Settings(model_uri=str(Path(exported).parent), poll_seconds=0.2))
-    try:
-        local = in_process.test_client()
-        wait_for(local, "/readyz", 200)
-        remote = make_client()
-        wait_for(remote, "/readyz", 200)
-        rows, columns = tf_serving_rest(signatures["serving_default"](images=tf.constant(PIXELS)))
-        # Not 32x32: the signature's own decoding and resizing is what answers.
-        pngs = [Image.fromarray(np.kron(p, np.ones((3, 2, 1), np.uint8))) for p in PIXELS]
-        encoded = []
-        for image in pngs:
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            encoded.append(out.getvalue())
-        b64 = [{"b64": base64.b64encode(e).decode()} for e in encoded]
-        bytes_rows, bytes_columns = tf_serving_rest(
-            signatures["predict_image_bytes"](image_bytes=tf.constant(encoded)))
-        answers = [
-            ("/v1/models/cifar10:predict", {"instances": PIXELS.tolist()}, 200, rows),
-            ("/v1/models/cifar10:predict", {"signature_name": "serving_default", "inputs": PIXELS.tolist()},
-             200, columns),
-            ("/v1/models/cifar10:predict", {"inputs": {"images": PIXELS.tolist()}}, 200, columns),
-            ("/v1/models/cifar10/versions/1:predict", {"instances": PIXELS.tolist()}, 200, rows),
-            ("/v1/models/cifar10:predict", {"signature_name": "predict_image_bytes", "instances": b64},
-             200, bytes_rows),
-            ("/v1/models/cifar10/versions/1:predict",
-             {"signature_name": "predict_image_bytes", "inputs": {"image_bytes": b64}}, 200, bytes_columns),
-            ("/v1/models/cifar10/versions/2:predict", {"instances": PIXELS.tolist()}, 404,
-             {"error": "Servable not found for request: Specific(cifar10, 2)"}),
-            ("/v1/models/cifar10/labels/stable:predict", {"instances": PIXELS.tolist()}, 404,
-             {"error": "Unrecognized servable version label: stable"}),
-        ]
-        for path, body, status, answer in answers:
-            got = [client.post(path, json=body) for client in (local, remote)]
-            assert [r.status_code for r in got] == [status, status], path
-            assert got[0].get_json() == answer, path
-            assert got[0].data == got[1].data, path
-        for path, status in [("/v1/models/cifar10/versions/1", 200), ("/v1/models/cifar10/versions/1/metadata", 200),
-                             ("/v1/models/cifar10/versions/3", 404),
-                             ("/v1/models/cifar10/labels/canary/metadata", 404),
-                             ("/v2/models/cifar10", 200), ("/v2/models/cifar10/versions/3", 404)]:
-            got = [client.get(path) for client in (local, remote)]
-            assert [r.status_code for r in got] == [status, status] and got[0].data == got[1].data, path
-        outputs = local.get("/v1/models/cifar10/metadata").get_json()[
-            "metadata"]["signature_def"]["signature_def"]["serving_default"]["outputs"]
-        assert {name: (o["dtype"], [int(d["size"]) for d in o["tensor_shape"]["dim"]]) for name, o in outputs.items()} \
-            == {name: ("DT_" + {"float32": "FLOAT", "int64": "INT64", "string": "STRING"}[spec.dtype.name],
-                       [-1 if d is None else d for d in spec.shape.as_list()])
-                for name, spec in signatures["serving_default"].structured_outputs.items()}
-    finally:
-        in_process.extensions["predictor"].backend.close()
+        upstream, make_client, make_app, signatures, exported):
+    local = make_app(Settings(model_uri=str(Path(exported).parent), poll_seconds=0.2)).test_client()
+    wait_for(local, "/readyz", 200)
+    remote = make_client()
+    wait_for(remote, "/readyz", 200)
+    rows, columns = tf_serving_rest(signatures["serving_default"](images=tf.constant(PIXELS)))
+    # Not 32x32: the signature's own decoding and resizing is what answers.
+    encoded = [png(np.kron(p, np.ones((3, 2, 1), np.uint8))) for p in PIXELS]
+    b64 = [{"b64": base64.b64encode(e).decode()} for e in encoded]
+    bytes_rows, bytes_columns = tf_serving_rest(
+        signatures["predict_image_bytes"](image_bytes=tf.constant(encoded)))
+    answers = [
+        ("/v1/models/cifar10:predict", {"instances": PIXELS.tolist()}, 200, rows),
+        ("/v1/models/cifar10:predict", {"signature_name": "serving_default", "inputs": PIXELS.tolist()},
+         200, columns),
+        ("/v1/models/cifar10:predict", {"inputs": {"images": PIXELS.tolist()}}, 200, columns),
+        ("/v1/models/cifar10/versions/1:predict", {"instances": PIXELS.tolist()}, 200, rows),
+        ("/v1/models/cifar10:predict", {"signature_name": "predict_image_bytes", "instances": b64},
+         200, bytes_rows),
+        ("/v1/models/cifar10/versions/1:predict",
+         {"signature_name": "predict_image_bytes", "inputs": {"image_bytes": b64}}, 200, bytes_columns),
+        ("/v1/models/cifar10/versions/2:predict", {"instances": PIXELS.tolist()}, 404,
+         {"error": "Servable not found for request: Specific(cifar10, 2)"}),
+        ("/v1/models/cifar10/labels/stable:predict", {"instances": PIXELS.tolist()}, 404,
+         {"error": "Unrecognized servable version label: stable"}),
+    ]
+    for path, body, status, answer in answers:
+        got = [client.post(path, json=body) for client in (local, remote)]
+        assert [r.status_code for r in got] == [status, status], path
+        assert got[0].get_json() == answer, path
+        assert got[0].data == got[1].data, path
+    for path, status in [("/v1/models/cifar10/versions/1", 200), ("/v1/models/cifar10/versions/1/metadata", 200),
+                         ("/v1/models/cifar10/versions/3", 404),
+                         ("/v1/models/cifar10/labels/canary/metadata", 404),
+                         ("/v2/models/cifar10", 200), ("/v2/models/cifar10/versions/3", 404)]:
+        got = [client.get(path) for client in (local, remote)]
+        assert [r.status_code for r in got] == [status, status] and got[0].data == got[1].data, path
+    outputs = local.get("/v1/models/cifar10/metadata").get_json()[
+        "metadata"]["signature_def"]["signature_def"]["serving_default"]["outputs"]
+    assert {name: (o["dtype"], [int(d["size"]) for d in o["tensor_shape"]["dim"]]) for name, o in outputs.items()} \
+        == {name: ("DT_" + {"float32": "FLOAT", "int64": "INT64", "string": "STRING"}[spec.dtype.name],
+                   [-1 if d is None else d for d in spec.shape.as_list()])
+            for name, spec in signatures["serving_default"].structured_outputs.items()}
 
 
 def test_labels_through_tf_serving_are_the_models_own(tmp_path, make_client):

@@ -4,13 +4,13 @@ import subprocess
 import sys
 
 import boto3
-import numpy as np
 import pytest
 
+from helpers import WEIGHTS, garbage_graph, pixels, publish_copy, republish
 from job import export, model
 from serve.sync import sync_once
 
-PIXELS = np.zeros((2, 32, 32, 3), np.uint8)
+PIXELS = pixels(2)
 
 
 @pytest.mark.slow
@@ -40,25 +40,21 @@ def test_s3_versions_without_their_marker_are_left_alone(s3, tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_s3_version_is_refused_by_name_and_newer_ones_still_sync(s3, tmp_path):
-    from test_serve_s3 import DATA, republish
-
     export.export(model.build("simple_cnn"), f"s3://{s3}/src", "cifar10", {}, PIXELS)
     republish(s3, "src/cifar10/1", "models/cifar10/1")
-    republish(s3, "src/cifar10/1", "models/cifar10/2", damage={DATA: b"other bytes"})
+    republish(s3, "src/cifar10/1", "models/cifar10/2", damage={WEIGHTS: b"other bytes"})
     republish(s3, "src/cifar10/1", "models/cifar10/3")
     dest = tmp_path / "models" / "cifar10"
     done = subprocess.run([sys.executable, "-m", "serve", "sync", "--from", f"s3://{s3}/models/cifar10",
                            "--to", str(dest), "--once"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 4 and f"s3://{s3}/models/cifar10/2/{DATA} is corrupt" in done.stderr
+    assert done.returncode == 4 and f"s3://{s3}/models/cifar10/2/{WEIGHTS} is corrupt" in done.stderr
     # TF Serving sees only whole, checked versions; nothing of 2 is left half-way.
     assert sorted(p.name for p in dest.iterdir()) == ["1", "3"]
-    assert (dest / "3" / DATA).is_file()
+    assert (dest / "3" / WEIGHTS).is_file()
 
 
 @pytest.mark.slow
 def test_a_corrupt_local_version_is_refused_once_and_newer_ones_still_sync(tmp_path, exported_model, caplog):
-    from test_serve_store_faults import garbage_graph, publish_copy
-
     from serve import store
 
     source = tmp_path / "export" / "cifar10"

@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
-from helpers import wait_until
+from helpers import pixels, publish, wait_until
 from job import model
 from serve import store
-from serve.app import create_app
-from serve.checks import PROBE_ATOL
 from serve.settings import Settings
 from serve.sync import sync_once
 
-PROBE = np.random.default_rng(3).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
-APPS = []
+PROBE = pixels(8, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +25,10 @@ def net():
     return model.build("simple_cnn")
 
 
-@pytest.fixture(autouse=True)
-def close_apps():
-    yield
-    while APPS:
-        APPS.pop().extensions["predictor"].backend.close()
-
-
-def publish(base, net, accuracy=0.9, tamper=False):
-    """Export the next version; `tamper` shifts its recorded probabilities
-    before it appears under `base`, as a version whose answers changed would."""
-    return helpers.publish(base, net, PROBE, accuracy, shift=10 * PROBE_ATOL if tamper else 0.0)
-
-
-def client_for(base, **settings):
-    app = create_app(Settings(model_uri=str(base), poll_seconds=0.1, **settings))
-    APPS.append(app)
-    return app.test_client()
+@pytest.fixture
+def client_for(make_app):
+    """A test client of an app serving `base`, with `settings`; the app is closed after the test."""
+    return lambda base, **settings: make_app(Settings(model_uri=str(base), poll_seconds=0.1, **settings)).test_client()
 
 
 def refused(client, reason):
@@ -55,7 +38,7 @@ def refused(client, reason):
 
 
 def test_every_export_records_its_probe_batch_and_the_answers_to_it(tmp_path, net):
-    version = publish(tmp_path / "cifar10", net)
+    version = publish(tmp_path / "cifar10", net, PROBE)
     extra = version / "assets.extra"
     np.testing.assert_array_equal(np.load(extra / "probe_images.npy"), PROBE)
     own = tf.saved_model.load(str(version)).signatures["serving_default"](images=tf.constant(PROBE))
@@ -65,28 +48,28 @@ def test_every_export_records_its_probe_batch_and_the_answers_to_it(tmp_path, ne
 
 
 @pytest.mark.slow
-def test_a_version_whose_answers_differ_is_refused_once_and_the_previous_keeps_serving(tmp_path, net):
+def test_a_version_whose_answers_differ_is_refused_once_and_the_previous_keeps_serving(tmp_path, net, client_for):
     base = tmp_path / "cifar10"
-    publish(base, net)
+    publish(base, net, PROBE)
     client = client_for(base)
     wait_until(lambda: client.get("/readyz").status_code == 200)
     before = refused(client, "probe")
-    publish(base, net, tamper=True)
+    publish(base, net, PROBE, tamper=True)
     wait_until(lambda: refused(client, "probe") == before + 1)
     time.sleep(1)  # ten more polls: the refusal is remembered, not repeated
     assert refused(client, "probe") == before + 1
     answer = client.post("/v1/models/cifar10:predict", json={"instances": PROBE[:1].tolist()})
     assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
     # A fixed version 3 is served: the refusal held back only the version it was about.
-    publish(base, net)
+    publish(base, net, PROBE)
     wait_until(lambda: client.get("/readyz").json.get("version") == 3)
 
 
 @pytest.mark.slow
-def test_a_version_below_min_accuracy_is_not_served(tmp_path, net):
+def test_a_version_below_min_accuracy_is_not_served(tmp_path, net, client_for):
     base = tmp_path / "cifar10"
-    publish(base, net, accuracy=0.9)
-    publish(base, net, accuracy=0.5)
+    publish(base, net, PROBE, accuracy=0.9)
+    publish(base, net, PROBE, accuracy=0.5)
     client = client_for(base, min_accuracy=0.8)
     before = refused(client, "accuracy")
     wait_until(lambda: client.get("/readyz").status_code == 200)
@@ -95,10 +78,10 @@ def test_a_version_below_min_accuracy_is_not_served(tmp_path, net):
 
 
 @pytest.mark.slow
-def test_a_pinned_version_is_served_while_a_newer_one_exists(tmp_path, net):
+def test_a_pinned_version_is_served_while_a_newer_one_exists(tmp_path, net, client_for):
     base = tmp_path / "cifar10"
-    publish(base, net)
-    publish(base, net)
+    publish(base, net, PROBE)
+    publish(base, net, PROBE)
     client = client_for(base, model_version=1)
     wait_until(lambda: client.get("/readyz").status_code == 200)
     time.sleep(0.5)
@@ -112,10 +95,10 @@ def test_a_pinned_version_is_served_while_a_newer_one_exists(tmp_path, net):
 @pytest.mark.slow
 def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_path, net):
     base = tmp_path / "cifar10"
-    publish(base, net)
-    publish(base, net, tamper=True)
-    publish(base, net, accuracy=0.5)
-    old = publish(base, net)
+    publish(base, net, PROBE)
+    publish(base, net, PROBE, tamper=True)
+    publish(base, net, PROBE, accuracy=0.5)
+    old = publish(base, net, PROBE)
     for name in ("probe_images.npy", "probe_outputs.npz"):  # as exports made before the record existed
         (old / "assets.extra" / name).unlink()
     dest = tmp_path / "tfserving" / "cifar10"
@@ -125,14 +108,14 @@ def test_sync_leaves_refused_versions_out_and_mirrors_unchecked_old_ones(tmp_pat
 
 
 @pytest.mark.slow
-def test_withdrawing_the_served_version_rolls_back_to_the_warm_previous_one(tmp_path, net):
+def test_withdrawing_the_served_version_rolls_back_to_the_warm_previous_one(tmp_path, net, client_for):
     base = tmp_path / "cifar10"
-    publish(base, net)
+    publish(base, net, PROBE)
     client = client_for(base, keep_previous=True)
-    backend = APPS[-1].extensions["predictor"].backend
+    backend = client.application.extensions["predictor"].backend
     wait_until(lambda: client.get("/readyz").status_code == 200)
     first = backend.status()
-    publish(base, net)
+    publish(base, net, PROBE)
     wait_until(lambda: client.get("/readyz").json["version"] == 2)
     shutil.rmtree(base / "2")
     wait_until(lambda: client.get("/readyz").json["version"] == 1)
