@@ -104,10 +104,10 @@ def test_export_weights_best_exports_the_best_checkpoint(tmp_path, run_job):
     assert tested["accuracy"] == pytest.approx(card["test_accuracy"], abs=1 / tested["examples"])
 
 
-# What a checkpoint of simple_cnn trained by Adam holds, by key path, as every
-# version of the job since monitors kept count in checkpoints has written it.
-# A key that moves is state an older checkpoint cannot restore: bump
-# model.REVISIONS instead, so that such checkpoints are refused by name.
+# What a checkpoint of simple_cnn trained by Adam holds, by key path, as the
+# job wrote it before and after the monitors came to own their counts. A key
+# that moves is state older checkpoints cannot restore: a change that moves
+# one bumps model.REVISIONS too, so that such checkpoints are refused by name.
 CHECKPOINT_KEYS = {
     "lr_scale", "trainer/sums", "optimizer/_iterations",
     "progress/step", "progress/epochs_done", "progress/stopped_early", "progress/elapsed",
