@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras
 import tensorflow as tf
 
-from job import config, controller, data, model, optim, sources
+from job import config, data, model, optim, parts, sources
 from train_bench import job_loop, measure
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cifar10-fast.yaml"
@@ -110,7 +110,7 @@ def main() -> None:
     cfg = recipe(steps * config.load_config(RECIPE, args.set, platform=False).train.batch_size, args.set)
     splits = sources.load(cfg)
     # Process-wide, so all three loops run under the job's determinism setting.
-    controller.configure_determinism(cfg)
+    parts.configure_determinism(cfg)
     loops = {"job (parts.build + parts.chunks)": job_loop(splits, cfg), "minimal tf.function loop":
              minimal_loop(splits, cfg), "keras fit": fit_loop(splits, cfg)}
     rates, cpu = measure(loops, repeats)

@@ -28,7 +28,7 @@ from job.checkpoints import Checkpointer, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import DivergedError, PeerLost, Preempted, StorageError
 from job.history import History
-from job.parts import Chunk, Parts, Throughput, build, chunks
+from job.parts import Chunk, Parts, Throughput, build, chunks, configure_determinism
 from job.report import Console
 from job.trainer import evaluator, score
 
@@ -57,19 +57,6 @@ class _SigtermFlag:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def configure_determinism(cfg: Config) -> None:
-    # The seed is not set here: whatever runs between here and the model
-    # build (a download) may draw from global random state. model.build seeds.
-    if cfg.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    else:
-        # Determinism is process-wide and TF has no public switch back; a
-        # notebook or test that runs several jobs in one process needs it.
-        from tensorflow.python.framework import config as tf_config
-
-        tf_config.disable_op_determinism()
 
 
 def run(cfg: Config, console: Console) -> Result:

@@ -18,6 +18,19 @@ from job.patience import Patience
 from job.trainer import Trainer
 
 
+def configure_determinism(cfg: Config) -> None:
+    # The seed is not set here: whatever runs between here and the model
+    # build (a download) may draw from global random state. model.build seeds.
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        # Determinism is process-wide and TF has no public switch back; a
+        # notebook or test that runs several jobs in one process needs it.
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
+
+
 class Progress(tf.Module):
     """Everything besides weights and optimizer slots that a resume needs."""
 
