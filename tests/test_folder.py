@@ -224,10 +224,9 @@ def shapes_tree(root, per_class):
 
 
 @pytest.mark.slow
-def test_folder_names_label_the_export_and_the_service_answers(tmp_path, run_job):
+def test_folder_names_label_the_export_and_the_service_answers(tmp_path, run_job, make_app):
     import tensorflow as tf
 
-    from serve.app import create_app
     from serve.settings import Settings
 
     root = shapes_tree(tmp_path / "shapes", per_class=12)
@@ -239,22 +238,19 @@ def test_folder_names_label_the_export_and_the_service_answers(tmp_path, run_job
     assert (version / "assets" / "labels.txt").read_text(encoding="utf-8").splitlines() == names
     assert json.loads((version / "assets.extra" / "model_card.json").read_text())["class_names"] == names
 
-    app = create_app(Settings(model_uri=str(version.parent), poll_seconds=0.2))
-    try:
-        client = app.test_client()
-        wait_until(lambda: client.get("/readyz").status_code == 200)
-        photo = root / "train" / names[0] / "0.png"
-        answer = client.post("/predict", data=photo.read_bytes(), content_type="image/png").json
-        assert [(p["label"], p["class_id"]) for p in answer["predictions"]] == [
-            (names[p["class_id"]], p["class_id"]) for p in answer["predictions"]]
-        assert {p["label"] for p in answer["predictions"]} <= set(names)
-        # The service sees the 48x48 photo as the job saw it when training: the same 32x32 pixels.
-        (x_train, _), _, _ = load_image_folder(root)  # sorted: the first file is names[0]/0.png
-        own = tf.saved_model.load(str(version)).signatures["serving_default"](images=tf.constant(x_train[:1]))
-        top = answer["predictions"][0]
-        assert top["class_id"] == int(np.argmax(own["probabilities"][0]))
-        assert top["probability"] == pytest.approx(float(np.max(own["probabilities"][0])), abs=1e-6)
-        rest = client.post("/v1/models/cifar10:predict", json={"instances": [x_train[0].tolist()]}).json
-        assert rest["predictions"][0]["label"] == top["label"]
-    finally:
-        app.extensions["predictor"].backend.close()
+    app = make_app(Settings(model_uri=str(version.parent), poll_seconds=0.2))
+    client = app.test_client()
+    wait_until(lambda: client.get("/readyz").status_code == 200)
+    photo = root / "train" / names[0] / "0.png"
+    answer = client.post("/predict", data=photo.read_bytes(), content_type="image/png").json
+    assert [(p["label"], p["class_id"]) for p in answer["predictions"]] == [
+        (names[p["class_id"]], p["class_id"]) for p in answer["predictions"]]
+    assert {p["label"] for p in answer["predictions"]} <= set(names)
+    # The service sees the 48x48 photo as the job saw it when training: the same 32x32 pixels.
+    (x_train, _), _, _ = load_image_folder(root)  # sorted: the first file is names[0]/0.png
+    own = tf.saved_model.load(str(version)).signatures["serving_default"](images=tf.constant(x_train[:1]))
+    top = answer["predictions"][0]
+    assert top["class_id"] == int(np.argmax(own["probabilities"][0]))
+    assert top["probability"] == pytest.approx(float(np.max(own["probabilities"][0])), abs=1e-6)
+    rest = client.post("/v1/models/cifar10:predict", json={"instances": [x_train[0].tolist()]}).json
+    assert rest["predictions"][0]["label"] == top["label"]

@@ -39,15 +39,13 @@ def test_training_job_retries_disruptions_and_fails_fast_on_bad_config():
     assert pod["terminationGracePeriodSeconds"] > Checkpoint().grace_seconds
 
 
-def test_service_probes_are_routes_the_service_has():
-    from serve.app import create_app
+def test_service_probes_are_routes_the_service_has(make_app):
     from serve.settings import Settings
 
     deployment, service = docs("serve.yaml")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    app = create_app(Settings(backend="tfserving", tfserving_address="127.0.0.1:9", poll_seconds=60))
+    app = make_app(Settings(backend="tfserving", tfserving_address="127.0.0.1:9", poll_seconds=60))
     rules = {r.rule for r in app.url_map.iter_rules()}
-    app.extensions["predictor"].backend.close()
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in rules
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in rules
     env = {e["name"]: e["value"] for e in container["env"]}

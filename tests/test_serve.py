@@ -21,7 +21,6 @@ from werkzeug.serving import make_server
 
 from helpers import PROBE, ServeProcess, png, publish, wait_until
 from job import export, model
-from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
 
@@ -371,8 +370,8 @@ class OneOutput:
         pass
 
 
-def test_a_signature_with_one_output_answers_bare_values_as_tf_serving_does():
-    client = create_app(Settings(model_uri="/nowhere/cifar10"), backend=OneOutput()).test_client()
+def test_a_signature_with_one_output_answers_bare_values_as_tf_serving_does(make_app):
+    client = make_app(Settings(model_uri="/nowhere/cifar10"), backend=OneOutput()).test_client()
     row = client.post("/v1/models/cifar10:predict", json={"instances": PIXELS[:2].tolist()}).json
     columns = client.post("/v1/models/cifar10:predict", json={"inputs": PIXELS[:2].tolist()}).json
     expected = np.full((2, 10), 0.1, np.float32).tolist()

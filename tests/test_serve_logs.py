@@ -13,7 +13,6 @@ import requests
 
 from helpers import PROBE, ServeProcess
 from serve import logs
-from serve.app import create_app
 from serve.backends import Loaded
 from serve.settings import Settings
 
@@ -74,14 +73,14 @@ class Broken:
         pass
 
 
-def test_an_unhandled_errors_traceback_is_a_field_of_its_json_line():
+def test_an_unhandled_errors_traceback_is_a_field_of_its_json_line(make_app):
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logs.formatter())
     log = logging.getLogger("serve")
     log.addHandler(handler)
     try:
-        client = create_app(Settings(model_uri="/nowhere/cifar10", max_batch_size=1), backend=Broken()).test_client()
+        client = make_app(Settings(model_uri="/nowhere/cifar10", max_batch_size=1), backend=Broken()).test_client()
         answer = client.post("/v1/models/cifar10:predict", headers={"X-Request-ID": "oops"},
                              json={"instances": PROBE[:1].tolist()})
     finally:
