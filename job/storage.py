@@ -572,7 +572,7 @@ class _Listed:
         future.meta.provide_object_etag(self.etag)
 
 
-_s3_clients: dict[tuple, S3Storage] = {}
+_s3_storages: dict[tuple, S3Storage] = {}
 
 
 def is_object_store(uri: str) -> bool:
@@ -611,9 +611,9 @@ def _backend(uri: str) -> Storage:
         # One per set of boto3 settings, as common/s3.py keeps its clients: an S3Storage
         # remembers what it synced, and the settings are read from the environment.
         settings = s3.settings()
-        if settings not in _s3_clients:
-            _s3_clients[settings] = S3Storage()
-        return _s3_clients[settings]
+        if settings not in _s3_storages:
+            _s3_storages[settings] = S3Storage()
+        return _s3_storages[settings]
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"{uri}: the {scheme}:// scheme is not supported; use a local path or s3://")

@@ -21,9 +21,9 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from common.images import BadInput
 from serve import backends, health, metrics, openapi, page, sagemaker, v1, v2
 from serve.batching import Overloaded, request_ids
-from serve.images import BadInput
 from serve.jsonio import OrjsonProvider
 from serve.predictor import Predictor
 from serve.settings import PROTECTED_PREFIXES, Settings

@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import abort, current_app, request
 from pydantic import BaseModel, ValidationError
 
-from serve.images import BadInput
+from common.images import BadInput
 from serve.predictor import Predictor
 
 

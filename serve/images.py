@@ -10,7 +10,6 @@ import binascii
 
 import numpy as np
 
-# The service's routes take BadInput and decode from here, with the rest of their input parsing.
 from common.images import SIZE, BadInput, decode
 
 

@@ -10,10 +10,10 @@ import threading
 
 import numpy as np
 
-from serve import checks, metrics, rollout, store
 from common import layout
+from common.images import BadInput
+from serve import checks, metrics, rollout, store
 from serve.backends import Loaded, Unavailable
-from serve.images import BadInput
 from serve.settings import Settings
 
 log = logging.getLogger("serve")

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from serve import dataplane, images
-from serve.images import BadInput
+from common import images
+from common.images import BadInput
+from serve import dataplane
 
 bp = Blueprint("pages", __name__, static_folder="static")
 # Swagger UI's dist files as the swagger-ui-py wheel ships them (its framework glue unused), under /docs/;

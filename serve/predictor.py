@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.images import BadInput
 from serve import backends, metrics
 from serve.backends import Loaded
 from serve.batching import Batcher
-from serve.images import BadInput
 from serve.settings import Settings
 
 

@@ -9,9 +9,9 @@ import numpy as np
 from flask import Blueprint, abort, jsonify
 from google.protobuf import json_format
 
+from common.images import BadInput
 from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
 from serve import dataplane, images, schemas
-from serve.images import BadInput
 
 bp = Blueprint("tfserving_rest", __name__)
 

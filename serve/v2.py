@@ -10,10 +10,10 @@ from importlib.metadata import version as package_version
 import numpy as np
 from flask import Blueprint, Response, abort, jsonify, request
 
+from common.images import BadInput
 from common.layout import INPUT, SIGNATURE
 from serve import dataplane, images, schemas
 from serve.backends import Unavailable
-from serve.images import BadInput
 
 bp = Blueprint("v2", __name__)
 SERVER_VERSION = package_version("cifar10-pipeline")

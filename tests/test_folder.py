@@ -131,7 +131,7 @@ def test_images_of_any_size_and_mode_are_resized_as_the_service_resizes_uploads(
                 image.save(folder / name)
     (x_train, _), _, _ = load_image_folder(tmp_path)
     # The README's rule: to RGB, then Pillow's bilinear resize to 32x32 (antialiased when shrinking),
-    # exactly what serve/images.py does to a photo sent to /predict.
+    # exactly what common/images.py does to a photo sent to /predict.
     for i, name in enumerate(sorted(photos)):
         with Image.open(tmp_path / "train" / "class 0" / name) as image:
             expected = image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=None)

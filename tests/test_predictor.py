@@ -6,9 +6,9 @@ import concurrent.futures
 import numpy as np
 import pytest
 
+from common.images import BadInput
 from serve import metrics
 from serve.backends import Loaded
-from serve.images import BadInput
 from serve.predictor import Predictor
 from serve.settings import Settings
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from helpers import pixels, png
+from common.images import BadInput
 from serve import page, schemas, v1, v2
-from serve.images import BadInput
 
 PIXELS = pixels(2, seed=3)
 OUTPUTS = {"class_id": np.array([3, 5]), "label": np.array(["cat", "dog"], dtype=object),
