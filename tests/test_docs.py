@@ -20,7 +20,7 @@ MAX_README_LINES = 250
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
-def fenced(text: str) -> list[tuple[int, str]]:
+def prose_lines(text: str) -> list[tuple[int, str]]:
     """(line number, line) of every line outside fenced code blocks."""
     out, inside = [], False
     for number, line in enumerate(text.splitlines(), 1):
@@ -50,7 +50,7 @@ def slug(heading: str) -> str:
 def anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
     out = set()
-    for _, line in fenced(path.read_text()):
+    for _, line in prose_lines(path.read_text()):
         match = re.match(r"#{1,6} (.+)", line)
         if match:
             base = slug(match.group(1))
@@ -93,7 +93,7 @@ def test_every_module_is_in_the_module_map():
 @pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: p.relative_to(REPO).as_posix())
 def test_relative_links_lead_to_files_and_headings_that_exist(doc):
     broken = []
-    for number, line in fenced(doc.read_text()):
+    for number, line in prose_lines(doc.read_text()):
         for target in LINK.findall(line):
             if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
                 continue
