@@ -57,6 +57,8 @@ class Filter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        # Formatters that format exc_info again (python-json-logger's) see only the redacted text.
+        record.exc_info = None
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         return True
