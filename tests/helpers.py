@@ -16,6 +16,7 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,19 @@ def png(image: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(image).save(out, format="PNG")
     return out.getvalue()
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid RGB PNG of width x height black pixels, built a row at a time (~100 KB for 6300x6300):
+    a small upload that declares a large image."""
+    row, packer = bytes(1 + 3 * width), zlib.compressobj(9)  # filter byte + RGB pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 # The probe batch of the shared export (conftest's exported_model; what the service checks a version's
@@ -189,6 +203,16 @@ class ServeProcess:
 
     def wait_ready(self, timeout: float = 120):
         wait_until(lambda: url_ready(self.url + "/readyz"), timeout=timeout, what=f"{self.url}/readyz")
+
+    def worker_pids(self) -> list[int]:
+        """gunicorn's workers: the children of its master, which is this process, or this
+        process's child beside nginx when nginx is in front (serve/front.py)."""
+        def children(pid: int) -> list[int]:
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+        top = children(self.proc.pid)
+        masters = [p for p in top if Path(f"/proc/{p}/comm").read_text().strip() != "nginx"]
+        return children(masters[0]) if len(masters) < len(top) else top
 
     def stop(self, drain: bool = False):
         """Kill it if it still runs; with `drain`, return only once its output is all read (or 10 s)."""

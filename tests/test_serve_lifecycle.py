@@ -187,7 +187,7 @@ def test_serve_tf_threads_sizes_tensorflow_pools_in_every_worker(service):
     # 5: not what TensorFlow would choose itself here, unless the machine has exactly 5 cores.
     svc = service(2, SERVE_TF_THREADS="5")
     assert [svc.predict() for _ in range(8)] == [(200, "1")] * 8
-    workers = [int(p) for p in open(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read().split()]
+    workers = svc.worker_pids()
     assert len(workers) == 2
     for pid in workers:
         names = [open(f"/proc/{pid}/task/{t}/comm").read().strip() for t in os.listdir(f"/proc/{pid}/task")]
