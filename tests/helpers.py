@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import shutil
 import socket
 import struct
@@ -222,6 +223,58 @@ class ServeProcess:
         if drain:
             for reader in self.readers:
                 reader.join(timeout=10)
+
+
+class SlowClients:
+    """`count` connections to 127.0.0.1:`port`, each having sent part of a predict request: the
+    request line and one header line, or (`body`) whole headers announcing a body and one byte of it.
+    `trickle` sends each a little more, as a slowloris client does to keep a server waiting."""
+
+    def __init__(self, port: int, count: int, body: bool):
+        self.body = body
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a descriptor each, and the test's own
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, count + 1024)), hard))
+        head = b"POST /v1/models/cifar10:predict HTTP/1.1\r\nHost: x\r\n"
+        if body:
+            head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        self.conns = []
+        for _ in range(count):
+            self.conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            self.conns[-1].sendall(head)
+
+    def trickle(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.sendall(b" " if self.body else b"X-Slow: 1\r\n")
+            except OSError:
+                pass
+
+    def closed(self) -> int:
+        """How many the server has closed (whatever it sent first is read and dropped)."""
+        return sum(map(_closed, self.conns))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+
+def _closed(conn: socket.socket) -> bool:
+    conn.settimeout(0.01)
+    try:
+        while True:
+            if not conn.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def timed_status(call) -> tuple[float, int]:
+    """(seconds, status) of an HTTP call that returns a requests response."""
+    start = time.monotonic()
+    status = call().status_code
+    return time.monotonic() - start, status
 
 
 class ArchiveServer(http.server.ThreadingHTTPServer):

@@ -4,7 +4,8 @@ real Docker engine, with tests/compose/docker-compose.test.yml standing in
 only for what cannot be had here (MinIO, the CIFAR-10 download, TF Serving;
 that file says how). The steps run in order on one compose project, as a
 user's session would: up, a killed run resumed, a SIGTERM, a second version
-under load, a drain, and two training containers as one cluster.
+under load, a thousand slow clients, a drain, and two training containers as
+one cluster.
 
 Traffic stays on this machine: between the project's own containers, and to
 the S3 and service ports they publish on 127.0.0.1.
@@ -28,7 +29,7 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
-from helpers import AGREEMENT_RUN, assert_agree, free_port, wait_until
+from helpers import AGREEMENT_RUN, SlowClients, assert_agree, free_port, timed_status, wait_until
 
 # The first test also builds the images: minutes on a cold Docker cache.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -272,6 +273,28 @@ def test_a_second_version_takes_over_under_load_without_a_failed_request(stack, 
     assert [a for a in load.answers if a[2] != 200] == []
     first_v2 = min(answered for _, answered, _, version in load.answers if version == "2")
     assert {version for sent, _, _, version in load.answers if sent > first_v2} == {"2"}
+
+
+def test_a_thousand_slow_clients_delay_no_normal_client_of_the_serving_container(stack, service):
+    port = int(stack.env["SERVE_HOST_PORT"])
+    headers, bodies = SlowClients(port, 500, body=False), SlowClients(port, 500, body=True)
+    try:
+        latencies = []
+        for _ in range(6):
+            headers.trickle()
+            bodies.trickle()
+            latencies.append(timed_status(lambda: requests.get(f"{service}/healthz", timeout=10)))
+            latencies.append(timed_status(lambda: requests.post(f"{service}/v1/models/cifar10:predict", timeout=10,
+                                                                json={"instances": [PIXELS.tolist()]})))
+            time.sleep(0.5)
+        assert all(status == 200 for _, status in latencies), latencies
+        assert max(seconds for seconds, _ in latencies) < 1.0, latencies
+        # The image's defaults: headers within 10 s, no pause over 10 s in a body.
+        wait_until(lambda: headers.closed() == 500 and bodies.closed() == 500, timeout=30, interval=1,
+                   what="nginx to close the slow connections")
+    finally:
+        headers.close()
+        bodies.close()
 
 
 # -- e. drain --------------------------------------------------------------------

@@ -6,14 +6,12 @@ an oversized body is a 413 in the service's format, chunked or not
 
 import json
 import os
-import resource
-import socket
 import time
 
 import pytest
 import requests
 
-from helpers import PROBE, ServeProcess
+from helpers import PROBE, ServeProcess, SlowClients, timed_status
 from serve import front
 
 pytestmark = [pytest.mark.slow,
@@ -33,84 +31,34 @@ def service(exported_model):
     service.stop()
 
 
-def open_slow(port: int, count: int, body: bool) -> list[socket.socket]:
-    """`count` connections that have sent part of a request: the request line and one header
-    line, or whole headers that announce a body and a few bytes of it."""
-    head = b"POST /v1/models/cifar10:predict HTTP/1.1\r\nHost: x\r\n"
-    if body:
-        head += b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
-    conns = []
-    for _ in range(count):
-        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-        conn.sendall(head)
-        conns.append(conn)
-    return conns
-
-
-def trickle(conns: list[socket.socket], body: bool) -> None:
-    """One more header line, or one more byte of body, on every connection still open."""
-    for conn in conns:
-        try:
-            conn.sendall(b" " if body else b"X-Slow: 1\r\n")
-        except OSError:
-            pass
-
-
-def closed(conn: socket.socket) -> bool:
-    """Whether the server has closed this connection (anything it sent first is read and dropped)."""
-    conn.settimeout(0.01)
-    try:
-        while True:
-            if not conn.recv(65536):
-                return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-
-
-def timed(call) -> tuple[float, int]:
-    start = time.monotonic()
-    status = call().status_code
-    return time.monotonic() - start, status
-
-
-@pytest.fixture
-def many_files():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * SLOW)), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def test_a_thousand_slow_connections_delay_no_normal_client_and_are_closed(service, many_files):
+def test_a_thousand_slow_connections_delay_no_normal_client_and_are_closed(service):
     opened = time.monotonic()
-    headers = open_slow(service.port, SLOW // 2, body=False)
-    bodies = open_slow(service.port, SLOW // 2, body=True)
+    headers = SlowClients(service.port, SLOW // 2, body=False)
+    bodies = SlowClients(service.port, SLOW // 2, body=True)
     try:
         latencies = []
         # About 4 s with all of them held and kept trickling, which is what holds gunicorn's threads.
         for _ in range(8):
-            trickle(headers, body=False)
-            trickle(bodies, body=True)
-            latencies.append(timed(lambda: requests.get(service.url + "/healthz", timeout=10)))
-            latencies.append(timed(lambda: requests.post(service.url + "/v1/models/cifar10:predict",
-                                                         data=PREDICT, timeout=10,
-                                                         headers={"Content-Type": "application/json"})))
+            headers.trickle()
+            bodies.trickle()
+            latencies.append(timed_status(lambda: requests.get(service.url + "/healthz", timeout=10)))
+            latencies.append(timed_status(lambda: requests.post(
+                service.url + "/v1/models/cifar10:predict", data=PREDICT, timeout=10,
+                headers={"Content-Type": "application/json"})))
             time.sleep(0.5)
         assert all(status == 200 for _, status in latencies), latencies
         assert max(seconds for seconds, _ in latencies) < 1.0, latencies
         # Headers still arriving after SERVE_HEADER_TIMEOUT_S (6 s since each connection opened) are cut
         # off, trickle or not; a body that pauses longer than SERVE_BODY_TIMEOUT_S (4 s) too.
         while time.monotonic() - opened < 7:
-            trickle(headers, body=False)
+            headers.trickle()
             time.sleep(0.5)
         time.sleep(4.5)
-        assert sum(map(closed, headers)) == len(headers)
-        assert sum(map(closed, bodies)) == len(bodies)
+        assert headers.closed() == len(headers.conns)
+        assert bodies.closed() == len(bodies.conns)
     finally:
-        for conn in headers + bodies:
-            conn.close()
+        headers.close()
+        bodies.close()
     assert requests.get(service.url + "/healthz", timeout=5).status_code == 200
 
 
