@@ -93,6 +93,7 @@ http {{
     upstream service {{
         server 127.0.0.1:{upstream_port};
         keepalive 32;
+        keepalive_timeout 4s;  # under gunicorn's 5 s, so gunicorn never closes one nginx is about to use
     }}
     server {{
         listen {host}:{settings.port} backlog=4096;
@@ -105,9 +106,10 @@ http {{
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_read_timeout {upstream_timeout:g}s;
             proxy_send_timeout {upstream_timeout:g}s;
-            # A request that failed on its way to gunicorn is not sent again: a predict may
-            # already have run.
-            proxy_next_upstream off;
+            # A kept-alive connection that a worker closed as it restarted (max_requests) or
+            # drained is tried once more on a new one; predictions change nothing, so a POST
+            # may be sent again. Not after a timeout: that is the deadline's answer.
+            proxy_next_upstream error non_idempotent;
         }}
 {pages}
     }}
@@ -129,7 +131,8 @@ def run(settings: Settings) -> int:
     # gunicorn's listening socket, opened here so nginx knows its port before gunicorn starts.
     upstream = socket.create_server(("127.0.0.1", 0), backlog=2048)
     (prefix / "nginx.conf").write_text(config(settings, upstream.getsockname()[1], prefix))
-    env = {**os.environ, "GUNICORN_CMD_ARGS": f"--bind fd://{upstream.fileno()}", "SERVE_FRONT": "nginx"}
+    args = f"{os.environ.get('GUNICORN_CMD_ARGS', '')} --bind fd://{upstream.fileno()}".strip()
+    env = {**os.environ, "GUNICORN_CMD_ARGS": args, "SERVE_FRONT": "nginx"}
     children = {}
     try:
         proxy = subprocess.Popen([nginx(), "-e", "stderr", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
