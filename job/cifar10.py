@@ -3,7 +3,8 @@
 Both published layouts are read: the binary one (``data_batch_1.bin`` ...
 ``test_batch.bin``) and the Python one (pickled ``data_batch_1`` ...
 ``test_batch``).  Everything that can go wrong with the data ends in a
-DataError that names the file or URI, never in a bare traceback.
+DataError that names the file or URI, never in a bare traceback. A URL is
+named redacted (common/redact.py): a presigned one is a credential.
 
 Only numpy is imported so that loading (and its tests) stay cheap.
 """
@@ -36,6 +37,7 @@ except ImportError:  # numpy < 2 still calls the package numpy.core
     from numpy.core.multiarray import _reconstruct
     from numpy.core.numeric import _frombuffer
 
+from common.redact import redact, without_query
 from job.errors import DataError
 
 CANONICAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -49,6 +51,10 @@ RECORD_BYTES = 1 + 3 * 32 * 32
 SPLITS = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 BIN_NAMES = [s + ".bin" for s in SPLITS]
 SUBFOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
+# The largest batch file CIFAR-10 has is a python-format pickle of 31,035,704
+# bytes (a binary one is 30,730,000); twice that bounds what one file may
+# make the job read, however small its archive (a sparse tar member of zeros).
+MAX_BATCH_BYTES = 64 << 20
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -96,9 +102,10 @@ def read(path: pathlib.Path, shown_as: str | None = None) -> tuple[Arrays, Array
 
 def _cache_path(uri: str, cache_dir: pathlib.Path) -> pathlib.Path:
     # Hash the whole URI (two buckets may hold the same file name) but keep the
-    # base name so that a person looking in the cache knows what they see.
+    # base name so that a person looking in the cache knows what they see;
+    # never the query, which in a presigned URL is a credential.
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:64]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", without_query(uri).rstrip("/").rsplit("/", 1)[-1])[:64]
     return cache_dir / f"{digest}-{base or 'download'}"
 
 
@@ -108,7 +115,7 @@ def _md5(path: pathlib.Path) -> str:
 
 
 def _download(url: str, cache_dir: pathlib.Path, expected_md5: str | None = None) -> pathlib.Path:
-    dest = _cache_path(url, cache_dir)
+    dest, shown = _cache_path(url, cache_dir), redact(url)
     if dest.is_file() and (expected_md5 is None or _md5(dest) == expected_md5):
         return dest  # a cached file with a wrong checksum falls through and is fetched again
 
@@ -116,23 +123,23 @@ def _download(url: str, cache_dir: pathlib.Path, expected_md5: str | None = None
         try:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
                 length = resp.headers.get("Content-Length")
-                progress = _Progress(url, int(length) if length and length.isdigit() else None)
+                progress = _Progress(shown, int(length) if length and length.isdigit() else None)
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     progress.advance(len(chunk))
                 progress.finish()
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            raise DataError(f"could not download {url}: {e}") from e
+            raise DataError(f"could not download {shown}: {e}") from e
         # http.client ends a body cut short by a closed connection without an
         # error; cached, such a file would fail every later run.
         if progress.total is not None and progress.done != progress.total:
-            raise DataError(f"could not download {url}: the connection closed after {progress.done} of "
+            raise DataError(f"could not download {shown}: the connection closed after {progress.done} of "
                             f"{progress.total} bytes")
         if expected_md5 is not None and (got := _md5(tmp)) != expected_md5:
-            raise DataError(f"checksum mismatch for {url}: expected MD5 {expected_md5}, got {got}")
+            raise DataError(f"checksum mismatch for {shown}: expected MD5 {expected_md5}, got {got}")
 
     _into_cache(dest, get)
-    print(f"cached {url} at {dest}", file=sys.stderr, flush=True)
+    print(f"cached {shown} at {dest}", file=sys.stderr, flush=True)
     return dest
 
 
@@ -142,14 +149,14 @@ class _Progress:
     PROGRESS_LOG_BYTES when the server gives no length), so a log never holds
     thousands of them."""
 
-    def __init__(self, url: str, total: int | None):
+    def __init__(self, shown: str, total: int | None):
         self.total, self.done = total, 0
         self.stream = sys.stderr
         self.live = self.stream.isatty()
         self.start = self.last_draw = time.monotonic()
         self.next_log = self._log_every()
         size = f" ({total / 1e6:.1f} MB)" if total is not None else ""
-        self._line(f"downloading {url}{size}")
+        self._line(f"downloading {shown}{size}")
 
     def _log_every(self) -> int:
         return max(1, int(self.total * PROGRESS_LOG_STEP)) if self.total else PROGRESS_LOG_BYTES
@@ -228,6 +235,8 @@ def _tar_groups(path: pathlib.Path, shown: str) -> dict[str, dict[str, bytes | p
                 name = posixpath.normpath(member.name)
                 folder, base = posixpath.split(name)
                 if member.isfile() and base in BIN_NAMES + SPLITS:
+                    # The header's size, sparse members' expanded one: checked before a byte is read.
+                    _check_size(member.size, f"{shown}:{name}")
                     groups.setdefault(f"{shown}:{folder}" if folder else shown, {})[base] = (
                         tar.extractfile(member).read()
                     )
@@ -252,10 +261,16 @@ def _pick(groups, shown: str) -> tuple[str, dict, bool]:
 # --- parsing ---------------------------------------------------------------
 
 
+def _check_size(size: int, name: str) -> None:
+    if size > MAX_BATCH_BYTES:
+        raise DataError.oversized(name, size, MAX_BATCH_BYTES, "a CIFAR-10 batch file")
+
+
 def _read(source: bytes | pathlib.Path, name: str) -> bytes:
     if isinstance(source, bytes):
         return source
     try:
+        _check_size(source.stat().st_size, name)
         return source.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {name}: {e}") from e

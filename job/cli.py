@@ -2,7 +2,9 @@
 
 Errors the user can act on print one line naming what is wrong and exit with
 the contract's code (2 config, 3 data, 4 storage, 5 diverged, 75 preempted);
-`--debug` adds the traceback.
+`--debug` adds the traceback. Everything printed here passes through
+common/redact.py: a presigned data URL or an endpoint's password, quoted in a
+config or an error, is a credential.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 import traceback
 
+from common.redact import redact
 from job.errors import JobError, Preempted
 
 
@@ -76,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except JobError as exc:
         if args.debug:
-            traceback.print_exc()
-        print(f"cifar-job: error: {exc}", file=sys.stderr)
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(f"cifar-job: error: {redact(str(exc))}", file=sys.stderr)
         if not isinstance(exc, Preempted):
             # Under SageMaker, the job's FailureReason; elsewhere nothing.
             # Preemption is no failure: the job is meant to be retried.
-            write_failure(str(exc))
+            write_failure(redact(str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        write_failure(f"{type(exc).__name__}: {exc}")
+        write_failure(redact(f"{type(exc).__name__}: {exc}"))
         raise
 
 
@@ -102,7 +105,7 @@ def _dispatch(args) -> int:
         if args.explain:
             from job.config_doc import explain
 
-            print(explain(cfg), end="")
+            print(redact(explain(cfg)), end="")
         else:
             print(cfg.dump(), end="")
         return 0
@@ -111,7 +114,7 @@ def _dispatch(args) -> int:
 
         summary = fetch.fetch(cfg, Console(args.log_format, stream=sys.stderr), args.to)
         if summary is not None:
-            print(json.dumps(summary))
+            print(redact(json.dumps(summary)))
         return 0
     if args.command == "train":
         from job import controller
@@ -125,7 +128,7 @@ def _dispatch(args) -> int:
         return 0
     from job import evaluate
 
-    print(json.dumps(evaluate.evaluate(args.model, cfg)))
+    print(redact(json.dumps(evaluate.evaluate(args.model, cfg))))
     return 0
 
 
@@ -142,11 +145,12 @@ def _submit(args) -> int:
     )
     opts.check()
     for warning in submit.warnings(cfg):
-        print(f"cifar-job: warning: {warning}", file=sys.stderr)
+        print(f"cifar-job: warning: {redact(warning)}", file=sys.stderr)
+    # Only what is shown is redacted: the job submitted gets the config's real values.
     if args.dry_run:
-        print(json.dumps(submit.dry_run(cfg, opts), indent=2))
+        print(redact(json.dumps(submit.dry_run(cfg, opts), indent=2)))
         return 0
-    print(json.dumps(submit.submit(cfg, opts)))
+    print(redact(json.dumps(submit.submit(cfg, opts))))
     return 0
 
 

@@ -7,6 +7,7 @@ trains with a default.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -15,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
+from common.redact import redact_data
 from job import storage
 from job.errors import ConfigError
 from job.platform import hyperparameters, platform_overrides
@@ -47,9 +49,12 @@ class Section(BaseModel):
 
 
 class SyntheticData(Section):
-    train_size: int = Field(10_000, ge=1, description="Training examples generated; the validation split is "
-                                                      "held out of these.")
-    test_size: int = Field(2_000, ge=1, description="Test examples generated.")
+    # At most CIFAR-10's size, which the synthetic set stands in for: generating
+    # takes about 145 KB of memory per example (peak RSS of sources.synthetic(n, 1):
+    # 1.5 GB for 10,000, 2.9 GB for 20,000), and 10**12 ended in a MemoryError.
+    train_size: int = Field(10_000, ge=1, le=60_000, description="Training examples generated; the validation "
+                                                                 "split is held out of these.")
+    test_size: int = Field(2_000, ge=1, le=60_000, description="Test examples generated.")
 
 
 class Data(Section):
@@ -348,8 +353,10 @@ class Config(BaseSettings):
         extra="forbid", frozen=True, env_prefix="CIFAR_", env_nested_delimiter="__"
     )
 
-    seed: int = Field(0, description="Seeds the initial weights, the validation split, each epoch's order and "
-                                     "augmentation; each depends on it alone.")
+    # numpy's and TensorFlow's seeds are unsigned 32-bit integers.
+    seed: int = Field(0, ge=0, lt=2**32,
+                      description="Seeds the initial weights, the validation split, each epoch's order and "
+                                  "augmentation; each depends on it alone.")
     data: Data = Data()
     model: Model = Model()
     train: Train = Train()
@@ -386,7 +393,10 @@ class Config(BaseSettings):
         return self
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML to show or save, with URL credentials hidden
+        (common/redact.py): a presigned `data.uri` is a credential. Nothing
+        reads it back to resume: the fingerprint, not the URI, must match."""
+        return yaml.safe_dump(redact_data(self.model_dump(mode="json")), sort_keys=False)
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that give stored training state its meaning.
@@ -460,8 +470,32 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-class _DuplicateKey(Exception):
-    pass
+# A config file is a few kilobytes; these bound what a careless or hostile
+# one can cost (/dev/zero, a FIFO, YAML nested until Python's stack gives out).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32  # levels of nesting; the schema needs 4 (train.lr_schedule.name and its value)
+
+
+class _Refused(Exception):
+    """YAML that parses but that no config may be: a key given twice, nesting deeper than MAX_DEPTH."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing to nest deeper than MAX_DEPTH: its composer
+    recurses per level, and would end in a RecursionError."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels (line {self.peek_event().start_mark.line + 1})")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _check_unique_keys(node: yaml.Node, path: tuple[str, ...] = (), seen: set[int] | None = None) -> None:
@@ -478,15 +512,15 @@ def _check_unique_keys(node: yaml.Node, path: tuple[str, ...] = (), seen: set[in
         if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # merge keys may repeat
             dotted = ".".join((*path, key.value))
             if key.value in lines:
-                raise _DuplicateKey(f"key {dotted!r} appears twice, on lines {lines[key.value]} and "
-                                    f"{key.start_mark.line + 1}")
+                raise _Refused(f"key {dotted!r} appears twice, on lines {lines[key.value]} and "
+                               f"{key.start_mark.line + 1}")
             lines[key.value] = key.start_mark.line + 1
         _check_unique_keys(value, (*path, key.value) if isinstance(key, yaml.ScalarNode) else path, seen)
 
 
 def _load_yaml(text: str) -> Any:
-    """yaml.safe_load, refusing a key given twice in a mapping (_DuplicateKey)."""
-    loader = yaml.SafeLoader(text)
+    """yaml.safe_load, refusing a key given twice in a mapping and deep nesting (_Refused)."""
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -502,8 +536,8 @@ def typed(raw: str) -> Any:
     YAML gives `3`, `true`, `null` and `[1, 2]` their natural types."""
     try:
         return _load_yaml(raw) if raw else ""
-    except _DuplicateKey as exc:
-        raise ConfigError(f"the value {raw!r}: {exc}") from None
+    except _Refused as exc:
+        raise ConfigError(f"the value {_clipped(raw)!r}: {exc}") from None
     except yaml.YAMLError:
         # Not YAML, so plain text; validation names the field if text is wrong there.
         return raw
@@ -531,11 +565,24 @@ def parse_overrides(pairs: list[str]) -> dict:
     return merge_dotted(items)
 
 
+def _clipped(text: str, limit: int = 80) -> str:
+    """`text` short enough to quote in a one-line message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        loaded = _load_yaml(path.read_text())
-    except _DuplicateKey as exc:
+        # Checked before opening: opening a FIFO waits for a writer, and a
+        # device such as /dev/zero never ends.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
+        loaded = _load_yaml(raw.decode())
+    except _Refused as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
@@ -595,7 +642,8 @@ def _environment() -> dict:
     """`CIFAR_TRAIN__EPOCHS=3` as `{"train": {"epochs": "3"}}`, via pydantic-settings' own parser."""
     try:
         return EnvSettingsSource(Config, case_sensitive=False)()
-    except SettingsError as exc:
-        # A section given as JSON (`CIFAR_TRAIN='{...}'`) that does not parse.
+    except (SettingsError, RecursionError) as exc:
+        # A section given as JSON (`CIFAR_TRAIN='{...}'`) that does not parse,
+        # or nests deeper than json.loads recurses.
         raise ConfigError(f"invalid environment override (CIFAR_*): {exc}") from None
 

@@ -18,6 +18,12 @@ class ConfigError(JobError):
 class DataError(JobError):
     exit_code = 3
 
+    @classmethod
+    def oversized(cls, name: str, size: int, limit: int, what: str) -> DataError:
+        """`name` is (or declares it is) larger than `what` can be: refused before it is read, as
+        a few hundred bytes of archive can declare gigabytes (a sparse member, a forged header)."""
+        return cls(f"{name} is {size} bytes, more than {what} can be (at most {limit >> 20} MiB); not read")
+
 
 class StorageError(JobError):
     """Storage could not be read or written. `transient` says whether waiting

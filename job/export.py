@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from common import layout
 from common.layout import BYTES_SIGNATURE, SIGNATURE
+from common.redact import redact_data
 from job import storage
 from job.errors import JobError
 
@@ -80,7 +81,8 @@ def write_saved_model(model, directory: Path, model_name: str, card: dict,
     (directory / layout.WARMUP).parent.mkdir(exist_ok=True)
     with tf.io.TFRecordWriter(str(directory / layout.WARMUP)) as writer:
         writer.write(_warmup_record(model_name))
-    (directory / layout.CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    # The card goes wherever the model goes: a presigned data.uri in its config is a credential.
+    (directory / layout.CARD).write_text(json.dumps(redact_data(card), indent=2, sort_keys=True))
 
 
 def _write_probe_record(directory: Path, served, probe: np.ndarray) -> None:

@@ -26,6 +26,10 @@ from job.errors import DataError
 SPLITS = ("train", "test")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 N_CLASSES = 10  # the model's outputs
+# A CIFAR-10 image holds 3,072 bytes of pixels and a camera's JPEG a few MB;
+# this bounds what one file may make the job read, however small its archive
+# (a sparse tar member, a zip entry declaring gigabytes).
+MAX_IMAGE_BYTES = 64 << 20
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -88,13 +92,21 @@ def _archive_images(path: pathlib.Path, shown: str) -> dict[str, bytes | pathlib
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                members = {_relative(i.filename): archive.read(i) for i in archive.infolist()
-                           if not i.is_dir() and _image_root(_relative(i.filename)) is not None}
+                wanted = [i for i in archive.infolist()
+                          if not i.is_dir() and _image_root(_relative(i.filename)) is not None]
+                # The sizes the entries declare (zipfile reads no more), all checked before any is read.
+                for info in wanted:
+                    _check_size(info.file_size, f"{shown}:{info.filename}")
+                members = {_relative(i.filename): archive.read(i) for i in wanted}
         else:
             # One streaming pass: seeking back inside a gzip stream decompresses it again.
+            members = {}
             with tarfile.open(path, "r:*") as archive:
-                members = {_relative(m.name): archive.extractfile(m).read() for m in archive
-                           if m.isfile() and _image_root(_relative(m.name)) is not None}
+                for member in archive:
+                    if member.isfile() and _image_root(_relative(member.name)) is not None:
+                        # The header's size, a sparse member's expanded one: checked before a byte is read.
+                        _check_size(member.size, f"{shown}:{member.name}")
+                        members[_relative(member.name)] = archive.extractfile(member).read()
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{shown} is not a readable .tar.gz or .zip archive: {e}") from e
     roots = {_image_root(name) for name in members}
@@ -116,9 +128,17 @@ def _image_root(name: str) -> str | None:
     return top + "/" if is_image(rest) and not top.startswith(".") else None
 
 
+def _check_size(size: int, name: str) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise DataError.oversized(name, size, MAX_IMAGE_BYTES, "an image here")
+
+
 def _decode(source: bytes | pathlib.Path, name: str) -> np.ndarray:
     try:
-        return decode(source if isinstance(source, bytes) else source.read_bytes())
+        if isinstance(source, pathlib.Path):
+            _check_size(source.stat().st_size, name)
+            source = source.read_bytes()
+        return decode(source)
     except BadInput as e:
         raise DataError(f"{name}: {e}") from None
     except OSError as e:

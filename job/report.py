@@ -2,7 +2,9 @@
 
 On a terminal: one live progress line. Anywhere else (batch logs): plain
 lines at `train.log_every_steps`. With `--log-format json`: one JSON object
-per line, for CloudWatch, Cloud Logging and friends.
+per line, for CloudWatch, Cloud Logging and friends. Every line passes
+through common/redact.py: a config's presigned URL and a storage error's
+endpoint are credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+from common.redact import redact
 
 
 class Console:
@@ -23,7 +27,7 @@ class Console:
         if self._open_line:
             self.stream.write("\n")
             self._open_line = False
-        self.stream.write(text + "\n")
+        self.stream.write(redact(text) + "\n")
         self.stream.flush()
 
     def info(self, message: str, **fields) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from common import layout, s3
+from common.redact import redact
 from job.errors import StorageError
 
 _STAGING_PREFIX = ".staging-"
@@ -343,7 +344,8 @@ class S3Storage:
     def __init__(self):
         # The one client policy both images use (retries, timeouts, addressing): common/s3.py.
         self.client = s3.client()
-        self.endpoint = self.client.meta.endpoint_url
+        # As messages name it: a custom endpoint may carry a user and password.
+        self.endpoint = redact(self.client.meta.endpoint_url)
         self._synced: dict[Path, tuple[int, int]] = {}
 
     split = staticmethod(s3.split)
@@ -366,8 +368,8 @@ class S3Storage:
             transient = status >= 500 or status in (408, 429)
             raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {code}", transient) from None
         except BotoCoreError as exc:
-            # botocore's messages name the endpoint, never the credentials.
-            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {exc}") from None
+            # botocore's messages quote the endpoint, with its password if it has one.
+            raise StorageError(f"cannot {what} {uri} at {self.endpoint}: {redact(str(exc))}") from None
 
     def read_bytes(self, uri: str) -> bytes | None:
         bucket, key = self.split(uri)

@@ -167,7 +167,7 @@ CONFIGS = [
     ["train.epochs=3"],
     # Strings YAML would read as something else, floats in exponent form, None, nested sections.
     ["export.model_name=2024", "train.learning_rate=1e-5", "data.source=cifar10", "data.uri='s3://bkt/a: b #c'",
-     "train.max_steps=7", "data.synthetic.train_size=5000", "data.augment=true", "seed=-3"],
+     "train.max_steps=7", "data.synthetic.train_size=5000", "data.augment=true", "seed=4294967295"],
     # A schedule other than the default, with parameters, and one parameter at its default.
     ["train.lr_schedule.name=one_cycle", "train.lr_schedule.peak_at=0.3", "train.early_stopping.enabled=true",
      "train.early_stopping.patience=5", "checkpoint.resume=never", "export.model_name='true'"],
