@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from common.images import BadInput
-from serve import backends, health, metrics, openapi, page, sagemaker, v1, v2
+from serve import backends, deadline, health, metrics, openapi, page, sagemaker, v1, v2
 from serve.batching import Overloaded, request_ids
 from serve.jsonio import OrjsonProvider
 from serve.predictor import Predictor
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, backend: backends.Backend | Non
 
 def start_request():
     g.started = time.perf_counter()
+    deadline.start(current_app.extensions["settings"].request_timeout_s)  # reading the body counts too
     # A client's id is echoed in a header and the log: printable ASCII only, so it can split neither.
     given = "".join(c for c in request.headers.get("X-Request-ID", "")[:128] if " " < c < "\x7f")
     g.request_id = given or uuid.uuid4().hex
@@ -89,7 +90,9 @@ def finish_request(response):
 
 
 def timed_out(exc):
-    return jsonify(error=f"no answer within {current_app.extensions['settings'].request_timeout_s:g}s"), 504
+    limit = f"no answer within {current_app.extensions['settings'].request_timeout_s:g}s"
+    # deadline.Expired says at what step; a timeout of a future says nothing.
+    return jsonify(error=f"{limit}: {exc}" if str(exc) else limit), 504
 
 
 def http_error(exc):
@@ -109,6 +112,7 @@ ERROR_HANDLERS = {
     backends.Unavailable: lambda exc: (jsonify(error=str(exc)), 503, {"Retry-After": "5"}),
     backends.UpstreamError: lambda exc: (jsonify(error=str(exc)), exc.status),
     concurrent.futures.TimeoutError: timed_out,
+    deadline.Expired: timed_out,
     HTTPException: http_error,
     Exception: bug,
 }

@@ -13,6 +13,8 @@ from contextvars import ContextVar
 
 import numpy as np
 
+from serve.deadline import Expired
+
 
 # The ids of the requests whose images the model call running now holds, for
 # a backend that passes them on (TF Serving's gRPC metadata). The app sets one
@@ -38,20 +40,21 @@ class Batcher:
             threading.Thread(target=self._loop, name="batcher", daemon=True).start()
 
     def predict(self, images: np.ndarray, timeout: float):
+        """The outputs for `images`, within `timeout` seconds (Expired past them)."""
         if self.max_batch_size == 1 or len(images) >= self.max_batch_size:
             # Batching off, or a request that fills a batch on its own.
             self.on_batch(len(images))
             return self.run(images)
         future: Future = Future()
         try:
-            self._queue.put_nowait((images, future, request_ids.get()))
+            self._queue.put_nowait((images, future, request_ids.get(), time.monotonic() + timeout))
         except queue.Full:
             raise Overloaded("the server is at capacity; retry shortly") from None
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
             future.cancel()  # still queued: the model need not run for a client that has gone
-            raise
+            raise Expired("the deadline passed while the images waited for the model") from None
 
     def _loop(self) -> None:
         carry = None
@@ -74,22 +77,28 @@ class Batcher:
 
     def _run(self, batch: list) -> None:
         live = [item for item in batch if item[1].set_running_or_notify_cancel()]
+        # A request past its deadline has its answer (a 504) already, or at once: the model skips its images.
+        now = time.monotonic()
+        for _, f, _, until in live:
+            if until <= now:
+                f.set_exception(Expired("the deadline passed while the images waited for the model"))
+        live = [item for item in live if item[3] > now]
         if not live:
             return
-        request_ids.set(tuple(i for _, _, ids in live for i in ids))
+        request_ids.set(tuple(i for _, _, ids, _ in live for i in ids))
         try:
-            parts = [images for images, _, _ in live]
+            parts = [images for images, _, _, _ in live]
             # Encoded images stay a list: numpy's bytes arrays would drop a file's trailing NULs.
             images = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for p in parts for x in p]
             self.on_batch(len(images))
             outputs, info = self.run(images)
         except Exception as exc:  # handed to every waiting request, which maps it to a status;
             # the batcher thread itself must outlive any one batch
-            for _, f, _ in live:
+            for _, f, _, _ in live:
                 f.set_exception(exc)
             return
         start = 0
-        for part, f, _ in live:
+        for part, f, _, _ in live:
             end = start + len(part)
             # A signature's outputs by name, each sliced alike; or one array.
             f.set_result(({k: v[start:end] for k, v in outputs.items()} if isinstance(outputs, dict)

@@ -63,6 +63,9 @@ def on_exit(server):
 
 
 def post_fork(server, worker):
+    from serve import budget
+
+    budget.return_freed_memory()  # before TensorFlow allocates anything
     if not _settings.debug:
         from common.tfquiet import import_tensorflow_quietly
 

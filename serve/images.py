@@ -1,7 +1,8 @@
 """Turning what clients send into uint8 [N, 32, 32, 3] pixels, or a clear
 reason why not: base64 strings, `{"b64": ...}` instances and pixel lists.
 The image bytes themselves are decoded by common/images.py, as the training
-job's folder source decodes its images. Nothing here trusts its input."""
+job's folder source decodes its images, within the worker's decoding budget
+(serve/budget.py) and the request's deadline. Nothing here trusts its input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import binascii
 
 import numpy as np
 
-from common.images import SIZE, BadInput, decode
+from common import images
+from common.images import SIZE, BadInput
+from serve.budget import DECODING
 
 
 def _b64(text) -> bytes:
@@ -20,6 +23,11 @@ def _b64(text) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadInput(f'"b64" is not valid base64: {exc}') from None
+
+
+def decode(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes -> uint8 [32, 32, 3], once the worker's decoding budget has room for them."""
+    return images.decode(data, DECODING.reserve)
 
 
 def decode_b64(text) -> np.ndarray:

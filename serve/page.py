@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from common import images
 from common.images import BadInput
-from serve import dataplane
+from serve import dataplane, images
 
 bp = Blueprint("pages", __name__, static_folder="static")
 # Swagger UI's dist files as the swagger-ui-py wheel ships them (its framework glue unused), under /docs/;

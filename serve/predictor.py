@@ -1,5 +1,5 @@
 """The one path from decoded images to the model's answer, whatever the
-protocol: the limit on images per request, micro-batching, the batch-size
+protocol: the limit on images per request, the deadline, micro-batching, the batch-size
 and version metrics, and the outputs as every protocol writes them. No Flask."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.images import BadInput
-from serve import backends, metrics
+from serve import backends, deadline, metrics
 from serve.backends import Loaded
 from serve.batching import Batcher
 from serve.settings import Settings
@@ -31,7 +31,9 @@ class Predictor:
         if len(images) > self.settings.max_instances:
             raise BadInput(f"{len(images)} images in one request; at most {self.settings.max_instances}")
         batcher = self._pixels if isinstance(images, np.ndarray) else self._encoded
-        answered, loaded = batcher.predict(images, timeout=self.settings.request_timeout_s)
+        deadline.check("the model call")
+        remaining = deadline.remaining()  # None outside a request
+        answered, loaded = batcher.predict(images, self.settings.request_timeout_s if remaining is None else remaining)
         metrics.MODEL_VERSION.set(loaded.version)
         # As TF Serving writes them: in name order, strings as text.
         outputs = {name: np.array([v.decode() for v in value], dtype=object) if value.dtype == object else value

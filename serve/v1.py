@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from common.images import BadInput
 from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
-from serve import dataplane, images, schemas
+from serve import dataplane, deadline, images, schemas
 
 bp = Blueprint("tfserving_rest", __name__)
 
@@ -22,6 +22,7 @@ RULES = ["/v1/models/<model:name>", "/v1/models/<model:name>/versions/<int:versi
 def decode(data) -> tuple[np.ndarray | list[bytes], bool]:
     """A predict body (parsed JSON) -> the images and whether it is columnar. The images are
     uint8 [N, 32, 32, 3], or for predict_image_bytes the encoded files, which the model decodes."""
+    deadline.check("decoding the body")
     body = dataplane.validated(schemas.PredictRequest, data)
     by_bytes = body.signature_name == BYTES_SIGNATURE
     if body.signature_name not in (None, SIGNATURE, BYTES_SIGNATURE):

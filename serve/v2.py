@@ -12,7 +12,7 @@ from flask import Blueprint, Response, abort, jsonify, request
 
 from common.images import BadInput
 from common.layout import INPUT, SIGNATURE
-from serve import dataplane, images, schemas
+from serve import dataplane, deadline, images, schemas
 from serve.backends import Unavailable
 
 bp = Blueprint("v2", __name__)
@@ -39,6 +39,7 @@ def decode(raw: bytes, header_length: str | None) -> tuple[np.ndarray, schemas.V
         data = json.loads(raw)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply, or a >4300-digit integer
         raise BadInput("the inference header must be JSON") from None
+    deadline.check("decoding the body")
     body = dataplane.validated(schemas.V2InferRequest, data)
     tensor = next((t for t in body.inputs if t.name == INPUT), None)
     if tensor is None or len(body.inputs) != 1:

@@ -500,7 +500,7 @@ BAD = [
     ("broken-png-chunk", "POST", "/predict", {"data": broken_png(), "content_type": "image/png"}, 400,
      "cannot decode"),
     ("decompression-bomb", "POST", "/predict", {"data": bomb_png(), "content_type": "image/png"}, 400,
-     "at most 40000000 pixels"),
+     "at most 4096x4096"),
     ("gif-upload", "POST", "/predict", {"data": {"file": (io.BytesIO(gif()), "a.gif")},
                                         "content_type": "multipart/form-data"}, 400, "GIF"),
     ("get-on-predict", "GET", "/predict", {}, 405, "not allowed"),
