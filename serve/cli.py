@@ -6,6 +6,7 @@ Flags become `SERVE_*` environment variables, which is where the settings
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,11 +35,14 @@ def sync_main(argv: list[str]) -> int:
         parser.error("--from and --to are required (or --check)")
     import logging
 
+    from common import redact
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    redact.install()
     try:
         sync.run(args.source, Path(args.dest), args.every, args.once, args.heartbeat)
     except Exception as exc:
-        print(f"cifar-serve sync: error: {exc}", file=sys.stderr)
+        print(f"cifar-serve sync: error: {redact.redact(str(exc))}", file=sys.stderr)
         return 4
     return 0
 
@@ -93,14 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         from serve import logs
 
         logs.configure()
-        logging.getLogger("serve").info("cifar-serve settings",
-                                        extra={"settings": settings.model_dump(mode="json", exclude={"api_keys"})})
+        # Whether auth is on and with how many keys, never the keys.
+        logging.getLogger("serve").info("cifar-serve settings", extra={"settings": settings.public()})
     else:
-        print(f"cifar-serve: {settings.model_dump_json(exclude={'api_keys'})}", file=sys.stderr, flush=True)
+        print(f"cifar-serve: {json.dumps(settings.public(), separators=(',', ':'))}", file=sys.stderr, flush=True)
         # Set in the master, inherited by the workers it forks: the service's own
         # lines (which version is served, refresh failures) next to gunicorn's.
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+        from common import redact
+
+        redact.install()
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]

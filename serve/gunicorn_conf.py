@@ -37,6 +37,10 @@ if _settings.log_format == "json":
     # Also here, not only in cifar-serve: `gunicorn -c serve/gunicorn_conf.py` starts without it.
     logs.configure()
     logconfig_dict, logger_class = logs.CONFIG, logs.AccessLogger
+else:
+    from serve import logs
+
+    logger_class = logs.Logger  # gunicorn's own handlers redact too
 
 
 _made: list[str] = []

@@ -18,6 +18,10 @@ from serve.settings import Settings
 
 log = logging.getLogger("serve")
 
+# A refused version as /readyz tells it, by rollout check (serve/checks.py's reasons).
+REFUSED = {"probe": "probe answers differ", "accuracy": "test accuracy below SERVE_MIN_ACCURACY",
+           "unloadable": "its files cannot be served"}
+
 
 class InProcess:
     """Serves the version all the service's workers agreed on (serve/rollout.py).
@@ -36,8 +40,10 @@ class InProcess:
         self.settings = settings
         self.rollout = rollout.Rollout(settings.state_dir)
         self.held: dict[int, Loaded] = {}
-        self.found: list[int] = []
-        # Why a version (None: the model store itself) is not served, while that lasts: /readyz's reason.
+        self.found: list[int] | None = None  # None until the store has been listed once
+        # Why a version (None: the model store itself) is not served, while that lasts: /readyz's
+        # reason, which anyone may read, so in a few words without the store's URI, endpoint or
+        # error text; the log has those.
         self.problems: dict[int | None, str] = {}
         # Set once this worker holds the active version, or has tried and cannot, or none is
         # active yet: until then it takes no connections (serve/workers.py), so it does not
@@ -95,7 +101,7 @@ class InProcess:
         pin = self.settings.model_version
         if pin is not None:
             if pin not in found:
-                self.problems[pin] = f"version {pin} (SERVE_MODEL_VERSION) is not under {self.base} yet"
+                self.problems[pin] = f"version {pin} (SERVE_MODEL_VERSION) is not in the model store yet"
                 return None
             found = [pin]
         for version in reversed(found):
@@ -137,7 +143,7 @@ class InProcess:
         self._refused[version] = stamp
         reason = getattr(exc, "reason", "unloadable")
         where = store.where(self.base, version)
-        self.problems[version] = f"version {version} ({where}) refused: {exc}"
+        self.problems[version] = f"version {version} refused: {REFUSED.get(reason, reason)}"
         metrics.MODEL_REFRESH_FAILURES.inc()
         if self.rollout.first_to_tell(f"refused-{version}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:16]}"):
             metrics.MODEL_VERSIONS_REFUSED.labels(reason).inc()
@@ -147,7 +153,7 @@ class InProcess:
         """A failure tried again at the next poll: logged when it starts or its cause changes."""
         what = (f"listing {self.name} versions under {self.base}" if version is None
                 else f"loading {self.name} version {version} from {store.where(self.base, version)}")
-        self.problems[version] = f"{what} failed: {store.describe(exc)}"
+        self.problems[version] = "model store unreachable" if version is None else f"loading version {version} failed"
         metrics.MODEL_REFRESH_FAILURES.inc()
         if self._failing.get(version) != _cause(exc):
             self._failing[version] = _cause(exc)
@@ -193,7 +199,7 @@ class InProcess:
     def _serving(self) -> Loaded:
         loaded = self.status()
         if loaded is None:
-            raise Unavailable(f"no model loaded yet from {self.base}")
+            raise Unavailable("no model version loaded yet")
         return loaded
 
     def predict(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], Loaded]:
@@ -229,8 +235,10 @@ class InProcess:
             return None
         if self.problems:
             return "; ".join(tuple(self.problems.values()))  # a copy: the watcher thread may be adding one
+        if self.found is None:
+            return "looking for versions in the model store"
         if not self.found:
-            return f"no complete version under {self.base} yet"
+            return "no version in the model store yet"
         return f"loading version {self.found[-1]} in every worker"
 
     def status(self) -> Loaded | None:

@@ -5,7 +5,10 @@ gunicorn's, is one object with `time` (ISO 8601, UTC), `level`, `logger`,
 request's own fields (`method`, `path`, `status`, `bytes`, `duration_s`,
 `request_id`, `remote`) as keys. One dictConfig, applied by `cifar-serve` in
 the master before gunicorn starts and again by gunicorn (`logconfig_dict`),
-so the workers it forks inherit it."""
+so the workers it forks inherit it.
+
+In either format every handler, the service's and gunicorn's, passes each
+line through common/redact.py's rule first."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import traceback
 
 from gunicorn import glogging
 from pythonjsonlogger.json import JsonFormatter
+
+from common import redact
 
 
 def formatter() -> JsonFormatter:
@@ -27,9 +32,12 @@ CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": formatter}},
+    "filters": {"redact": {"()": redact.Filter}},
     "handlers": {
-        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
-        "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+                   "filters": ["redact"]},
+        "stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout",
+                   "filters": ["redact"]},
     },
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {
@@ -45,7 +53,17 @@ def configure() -> None:
     logging.captureWarnings(True)
 
 
-class AccessLogger(glogging.Logger):
+class Logger(glogging.Logger):
+    """gunicorn's logger, its own lines and access lines through common/redact.py's rule
+    like the service's: gunicorn gives them handlers of its own."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            redact.install(log)
+
+
+class AccessLogger(Logger):
     """gunicorn's logger, whose access lines carry their fields as JSON keys
     rather than one string formatted by access_log_format."""
 
@@ -55,8 +73,10 @@ class AccessLogger(glogging.Logger):
         atoms = self.atoms(resp, req, environ, request_time)
         fields = {
             "method": atoms["m"],
-            "path": atoms["U"],
-            "query": atoms["q"],
+            "path": redact.redact(atoms["U"]),
+            # The rule knows a signing parameter by the `?` or `&` before it; redacted here, since the
+            # Filter sees only the message, not these fields.
+            "query": redact.redact(f"?{atoms['q']}")[1:],
             "status": int(atoms["s"]),
             "bytes": atoms["B"],
             "duration_s": request_time.total_seconds(),

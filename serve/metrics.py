@@ -1,5 +1,7 @@
 """Prometheus metrics: requests and latency per route and status, batch
 sizes, the model version served, failed attempts to load a newer one.
+Every label value comes from a set known in advance (the app's routes or
+"unmatched", HTTP's methods, statuses, reasons), so no request adds a series.
 
 Under gunicorn with several workers, `cifar-serve` points
 PROMETHEUS_MULTIPROC_DIR at a fresh folder before forking them, and
@@ -31,6 +33,17 @@ MODEL_SWITCHES = Counter("cifar_serve_model_switches_total", "switches of the se
                          ["direction"])
 MODEL_VERSION = Gauge("cifar_serve_model_version", "the model version last used to answer",
                       multiprocess_mode="livemostrecent")
+
+
+# HTTP's methods (RFC 9110 and PATCH). A client may send any token as one, and every
+# label value is a series /metrics carries for as long as the service runs.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def bounded(method: str, status: int) -> tuple[str, str]:
+    """The method and status as label values from known sets: anything else is `other`."""
+    return (method if method in METHODS else "other",
+            str(status) if 100 <= status <= 599 else "other")
 
 
 def exposition() -> bytes:

@@ -25,7 +25,7 @@ from serve.schemas import (
     V2Ready,
     V2Server,
 )
-from serve.settings import PROTECTED_PREFIXES
+from serve.settings import protected
 
 bp = Blueprint("openapi", __name__)
 
@@ -77,7 +77,7 @@ ERRORS = {400: "malformed request", 401: "missing or wrong API key", 404: "no su
           503: "no model loaded, or at capacity (see Retry-After)", 504: "no answer within the request timeout"}
 PARAMETERS = {"name": "the model's name", "version": "a model version; only the one loaded answers",
               "label": "a version label (none are configured, so any is a 404 as in TF Serving)"}
-# Flask's converters in a rule: `<name>`, `<int:version>`, `<model:name>`.
+# Flask's converters in a rule: `<name>`, `<version:version>`, `<model:name>`.
 VARIABLE = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
 
 
@@ -107,7 +107,7 @@ def document(app: Flask) -> dict:
         return {"description": description, **({"content": content(body)} if body is not None else {})}
 
     def parameter(converter: str | None, name: str) -> dict:
-        if converter == "int":
+        if converter == "version":
             typed = {"type": "integer", "minimum": 0}
         else:
             typed = {"type": "string", "pattern": f"^{app.url_map.converters[converter or 'default'].regex}$"}
@@ -121,9 +121,9 @@ def document(app: Flask) -> dict:
         op = ROUTES.get(app.view_functions[rule.endpoint].__name__)
         if is_static(rule.endpoint) or op is None:
             continue
-        protected = bool(settings.api_keys) and rule.rule.startswith(PROTECTED_PREFIXES)
+        keyed = bool(settings.api_keys) and protected(rule.rule, rule.endpoint)
         responses = {"200": response("OK", op.answer)}
-        for code in (*op.errors, *([401] if protected else [])):
+        for code in (*op.errors, *([401] if keyed else [])):
             responses[str(code)] = response(ERRORS[code], Error)
         if op.not_ready:
             responses["503"] = response("not ready", op.not_ready)
@@ -131,7 +131,7 @@ def document(app: Flask) -> dict:
                      "parameters": [parameter(*v) for v in VARIABLE.findall(rule.rule)], "responses": responses}
         if op.body is not None:
             operation["requestBody"] = {"required": True, "content": content(op.body)}
-        if protected:
+        if keyed:
             operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
         path = paths.setdefault(VARIABLE.sub(r"{\2}", rule.rule), {})
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common import redact
 from serve import store
 
 # Where SageMaker unpacks an endpoint's model.tar.gz; a job trained on
@@ -29,6 +30,19 @@ MEMINFO = Path("/proc/meminfo")
 
 # Routes that run the model, which SERVE_API_KEYS guard; health, metrics and docs stay open.
 PROTECTED_PREFIXES = ("/v1/", "/v2/models/", "/predict", "/invocations")
+# Readiness is open wherever it is asked, like /readyz, though v2 asks it under /v2/models/.
+OPEN_ENDPOINTS = frozenset({"v2.v2_model_ready"})
+
+
+def protected(path: str, endpoint: str | None) -> bool:
+    """Whether a request for `path` (routed to `endpoint`; None when no route matched) needs a key."""
+    return path.startswith(PROTECTED_PREFIXES) and endpoint not in OPEN_ENDPOINTS
+
+
+def _split(value):
+    """`key1,key2` (a list in the environment's only type) or a list: the non-blank items, stripped."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [v.strip() for v in items if v.strip()] if isinstance(items, list) else items
 
 
 def memory_for_workers() -> int | None:
@@ -128,11 +142,27 @@ class Settings(BaseSettings):
     # log pipelines that index fields instead of parsing text.
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value):
-        # `SERVE_API_KEYS=key1,key2`: a list in the environment's only type.
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return _split(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value):
+        # Empty is unset, auth off: compose passes `${SERVE_API_KEYS:-}` when no keys are given. Set
+        # to nothing but commas and blanks is a mistake (a variable meant to hold keys and empty of
+        # them), which would turn auth off without a word: refused.
+        keys = _split(value)
+        if value and not keys:
+            raise ValueError("holds no key, only commas or blanks; leave it empty or unset for none (auth off)")
+        return keys
+
+    def public(self) -> dict:
+        """What the startup line prints: every setting, URIs redacted, and whether auth is on
+        instead of the keys."""
+        auth = f"{len(self.api_keys)} API key{'s' if len(self.api_keys) != 1 else ''}" if self.api_keys else "off"
+        return redact.redact_data({**self.model_dump(mode="json", exclude={"api_keys"}), "auth": auth})
 
     @property
     def name(self) -> str:

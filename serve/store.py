@@ -35,8 +35,8 @@ def where(base: str, version: int) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """An error for a log line or /readyz: its type and first line (TensorFlow's
-    messages run on for lines of advice; the first says what failed)."""
+    """An error for a log line: its type and first line (TensorFlow's messages
+    run on for lines of advice; the first says what failed)."""
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 

@@ -205,6 +205,14 @@ class TFServing:
     def status(self) -> Loaded | None:
         return self.current
 
+    @property
+    def waiting_for(self) -> str | None:
+        """Why no version is served, for /readyz, in a few words: the address and TF Serving's
+        own message are in the log."""
+        if self.current is not None:
+            return None
+        return "TF Serving unreachable or without the model" if self.last_error else "no version in TF Serving yet"
+
     def close(self) -> None:
         self._stop.set()
         self._channel.close()  # also cancels a status poll in flight, so the join is quick

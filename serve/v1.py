@@ -15,7 +15,7 @@ from serve import dataplane, deadline, images, schemas
 
 bp = Blueprint("tfserving_rest", __name__)
 
-RULES = ["/v1/models/<model:name>", "/v1/models/<model:name>/versions/<int:version>",
+RULES = ["/v1/models/<model:name>", "/v1/models/<model:name>/versions/<version:version>",
          "/v1/models/<model:name>/labels/<model:label>"]
 
 

@@ -105,11 +105,11 @@ def encode_metadata(name: str, version: int, signature) -> dict:
             "inputs": tensors(signature.inputs), "outputs": tensors(signature.outputs)}
 
 
-def _loaded(name: str, version: str | None):
+def _loaded(name: str, version: int | None):
     """The model as loaded, or a 404 when a version is asked for that is not the one loaded."""
     dataplane.check_name(name)
     loaded = dataplane.loaded()
-    if version is not None and (loaded is None or version != str(loaded.version)):
+    if version is not None and (loaded is None or version != loaded.version):
         abort(404, f"model {name!r} version {version} is not loaded")
     return loaded
 
@@ -131,7 +131,7 @@ def v2_server():
 
 
 @bp.get("/v2/models/<model:name>")
-@bp.get("/v2/models/<model:name>/versions/<version>")
+@bp.get("/v2/models/<model:name>/versions/<version:version>")
 def v2_metadata(name, version=None):
     loaded = _loaded(name, version)
     if loaded is None:
@@ -141,19 +141,19 @@ def v2_metadata(name, version=None):
 
 
 @bp.get("/v2/models/<model:name>/ready")
-@bp.get("/v2/models/<model:name>/versions/<version>/ready")
+@bp.get("/v2/models/<model:name>/versions/<version:version>/ready")
 def v2_model_ready(name, version=None):
     ready = _loaded(name, version) is not None
     return jsonify(name=name, ready=ready), 200 if ready else 503
 
 
 @bp.post("/v2/models/<model:name>/infer")
-@bp.post("/v2/models/<model:name>/versions/<version>/infer")
+@bp.post("/v2/models/<model:name>/versions/<version:version>/infer")
 def v2_infer(name, version=None):
     _loaded(name, version)
     batch, body = decode(request.get_data(), request.headers.get("Inference-Header-Content-Length"))
     answered, loaded = dataplane.predictor().predict(batch)
-    if version is not None and version != str(loaded.version):  # swapped while this request waited
+    if version is not None and version != loaded.version:  # swapped while this request waited
         abort(404, f"model {name!r} version {version} is not loaded")
     answer, payload = encode(body, answered, name, str(loaded.version))
     if not payload:

@@ -41,9 +41,10 @@ def test_a_damaged_version_is_refused_by_name_and_the_previous_one_keeps_serving
 
     republish(bucket, src, "models/cifar10/2", damage={WEIGHTS: b"other bytes"})
     damaged = f"s3://{bucket}/models/cifar10/2/{WEIGHTS}"
-    wait_until(lambda: damaged in backend.problems.get(2, ""))
-    assert "corrupt" in backend.problems[2] and "SHA-256" in backend.problems[2]
-    assert any(damaged in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    wait_until(lambda: 2 in backend.problems)
+    assert backend.problems[2] == "version 2 refused: its files cannot be served"  # as /readyz would say it
+    told = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and damaged in r.getMessage()]
+    assert len(told) == 1 and "corrupt" in told[0] and "SHA-256" in told[0], told
     assert refresh_failures(c) > failures
     assert c.get("/readyz").json["version"] == 1
     answer = c.post("/v1/models/cifar10:predict", json={"instances": PIXELS.tolist()})
