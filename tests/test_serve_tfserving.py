@@ -80,7 +80,8 @@ def test_ready_only_once_tf_serving_reports_a_version_available(upstream, make_c
     fake.versions = {1: LOADING}
     client = make_client()
     time.sleep(0.2)  # a few polls
-    assert client.get("/readyz").status_code == 503
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.get_json()["reason"] == "no version in TF Serving yet"
     assert client.get("/v2/health/ready").status_code == 503
     fake.versions = {1: AVAILABLE, 2: LOADING}
     response = wait_for(client, "/readyz", 200)
@@ -94,7 +95,9 @@ def test_ready_only_once_tf_serving_reports_a_version_available(upstream, make_c
 def test_unknown_model_name_is_not_ready(upstream, make_client):
     client = make_client(model_name="other")
     time.sleep(0.2)
-    assert client.get("/readyz").status_code == 503
+    not_ready = client.get("/readyz")
+    # TF Serving's own message, and its address, are in the log, not on an open route.
+    assert not_ready.status_code == 503 and not_ready.get_json()["reason"] == "TF Serving unreachable or without the model"
 
 
 @pytest.mark.parametrize("float_val", [False, True], ids=["tensor_content", "float_val"])
