@@ -97,7 +97,8 @@ def test_unknown_model_name_is_not_ready(upstream, make_client):
     time.sleep(0.2)
     not_ready = client.get("/readyz")
     # TF Serving's own message, and its address, are in the log, not on an open route.
-    assert not_ready.status_code == 503 and not_ready.get_json()["reason"] == "TF Serving unreachable or without the model"
+    assert not_ready.status_code == 503
+    assert not_ready.get_json()["reason"] == "TF Serving unreachable or without the model"
 
 
 @pytest.mark.parametrize("float_val", [False, True], ids=["tensor_content", "float_val"])
