@@ -19,10 +19,14 @@ from serve import store
 # `<model_name>/<version>/`. An archive packed by hand may hold bare `<version>/`.
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 
-# Measured (docs/benchmarks.md, Serving memory, Variants): a service with one
-# worker holds about 670 MiB, each further worker about 250 MiB more. Counting
-# 512 MiB for the service and 512 MiB per worker leaves each worker about twice
-# what it was measured to need, for bursts of large requests.
+# Measured (docs/benchmarks.md, Serving memory and Hostile clients): a worker's
+# RSS idles at about 616 MiB, but some 373 MiB of it is TensorFlow's libraries,
+# mapped once for all workers (and charged once to a container). A worker holds
+# about 242 MiB of its own when idle, and 8 near-limit images at once added at
+# most its decoding budget (serve/budget.py, 128 MiB): about 370 MiB. The master
+# and one copy of the libraries are about 410 MiB. Counting 512 MiB for the
+# service and 512 MiB per worker holds that worst case, with some 140 MiB a
+# worker left for request bodies.
 WORKER_MEMORY = 512 * 2**20
 # cgroup v2, then v1: the container's memory limit, which the kernel enforces by killing.
 CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
