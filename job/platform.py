@@ -116,7 +116,7 @@ def hyperparameters(environ: Mapping[str, str], root: Path | None = None) -> lis
     try:
         raw = path.read_text() if path.is_file() else environ.get("SM_HPS", "")
         values = json.loads(raw) if raw.strip() else {}
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise ConfigError(f"cannot read SageMaker hyperparameters ({path} or SM_HPS): {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"SageMaker hyperparameters ({path} or SM_HPS) must be a JSON object")

@@ -319,8 +319,13 @@ def test_a_synthetic_set_larger_than_cifar10_exits_2_naming_it(capsys, key):
     assert f"{key}: Input should be less than or equal to 60000" in capsys.readouterr().err
 
 
-def test_a_section_in_the_environment_nested_too_deep_exits_2(capsys, monkeypatch):
-    monkeypatch.setenv("CIFAR_TRAIN", deep(50_000))
+@pytest.mark.parametrize("variables, needle", [
+    ({"CIFAR_TRAIN": deep(50_000)}, "invalid environment override (CIFAR_*)"),
+    ({"SM_MODEL_DIR": "/m", "SM_HPS": '{"train.epochs": ' + deep(50_000) + "}"}, "SageMaker hyperparameters"),
+])
+def test_json_in_the_environment_nested_too_deep_exits_2(capsys, monkeypatch, variables, needle):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     assert main(["check-config"]) == 2
     err = capsys.readouterr().err
-    assert "invalid environment override (CIFAR_*)" in err and "Traceback" not in err
+    assert needle in err and "Traceback" not in err
