@@ -427,8 +427,16 @@ class Config(BaseSettings):
         }
 
 
+# A config file is a few kilobytes; these bound what a careless or hostile
+# one can cost (/dev/zero, a FIFO, YAML nested until Python's stack gives out).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32  # levels of nesting; the schema needs 4 (train.lr_schedule.name and its value)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
+    if len(parents) >= MAX_DEPTH:  # merging such keys recurses per level
+        raise ConfigError(f"the key {_clipped(dotted)!r}: nested deeper than {MAX_DEPTH} levels")
     node = tree
     for part in parents:
         child = node.setdefault(part, {})
@@ -468,12 +476,6 @@ def _deep_merge(base: dict, top: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-# A config file is a few kilobytes; these bound what a careless or hostile
-# one can cost (/dev/zero, a FIFO, YAML nested until Python's stack gives out).
-MAX_CONFIG_BYTES = 1 << 20
-MAX_DEPTH = 32  # levels of nesting; the schema needs 4 (train.lr_schedule.name and its value)
 
 
 class _Refused(Exception):

@@ -269,14 +269,17 @@ def deep(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
-@pytest.mark.parametrize("where", ["file", "set"])
+@pytest.mark.parametrize("where", ["file", "set", "key"])
 def test_yaml_nested_too_deep_exits_2(tmp_path, where):
     value = deep(50_000)  # a --set value is one argument, at most 128 KiB
     if where == "file":
         (tmp_path / "config.yaml").write_text(f"seed: {value}\n")
         args = ["check-config", "--config", str(tmp_path / "config.yaml")]
-    else:
+    elif where == "set":
         args = ["check-config", "--set", f"seed={value}"]
+    else:  # two dotted keys 20,000 levels deep, merged
+        key = ".".join(["a"] * 20_000)
+        args = ["check-config", "--set", f"{key}.x=1", "--set", f"{key}.y=2"]
     done = run_capped(args, tmp_path, timeout=30)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "nested deeper than" in done.stderr and "Traceback" not in done.stderr and len(done.stderr) < 1000
