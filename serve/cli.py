@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.backend == "inprocess" and not settings.model_uri:
         print("cifar-serve: error: --model-uri (or SERVE_MODEL_URI) is required", file=sys.stderr)
         return 2
+    from serve import front
+
+    if settings.front == "nginx" and not front.nginx():
+        print("cifar-serve: error: SERVE_FRONT: nginx is not installed (Debian's nginx-light package)",
+              file=sys.stderr)
+        return 2
     import logging
 
     if settings.log_format == "json":
@@ -101,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("serve").info("cifar-serve settings", extra={"settings": settings.public()})
     else:
         print(f"cifar-serve: {json.dumps(settings.public(), separators=(',', ':'))}", file=sys.stderr, flush=True)
-        # Set in the master, inherited by the workers it forks: the service's own
-        # lines (which version is served, refresh failures) next to gunicorn's.
-        logging.basicConfig(level=logging.INFO,
-                            format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-        from common import redact
+        from serve import logs
 
-        redact.install()
+        logs.configure_text()
+    log = logging.getLogger("serve")
+    if settings.front != "none" and front.nginx():
+        log.info("front: nginx reads every request whole (headers within %gs, no pause over %gs in a body) "
+                 "before a worker sees it", settings.header_timeout_s, settings.body_timeout_s)
+        return front.run(settings)
+    log.warning("front: none: gunicorn reads requests itself, so a slow client holds a worker thread until it "
+                "is done; install nginx, or put a buffering proxy in front (docs/operating.md, Threat model)")
     from gunicorn.app.wsgiapp import run
 
     sys.argv = ["gunicorn", "-c", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py")]

@@ -42,7 +42,6 @@ BODY_BUFFER = "128k"
 # Answers nginx gives itself, in the service's own error format.
 ERRORS = {
     400: "the request is malformed",
-    408: "the request was not sent in time",
     414: "the request line is too long",
     494: "a request header is too large",
     502: "the service is starting, restarting or shutting down; retry shortly",

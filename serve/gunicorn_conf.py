@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from serve import rollout
+from serve import logs, rollout
 from serve.settings import Settings
 
 _settings = Settings()
@@ -28,19 +28,21 @@ timeout = int(_settings.request_timeout_s) + 30
 # SIGTERM: each worker drains, then stops accepting and finishes what is in flight (serve/workers.py).
 graceful_timeout = math.ceil(_settings.drain_seconds + _settings.graceful_timeout)
 keepalive = 5
+# nginx's own limit on a request line (8 KiB): one limit, so a long line gets one answer, in one format.
+limit_request_line = 8190
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
+# Behind nginx (serve/front.py) the peer is always nginx: log the X-Forwarded-For chain it passes on,
+# which ends with the address nginx saw.
+_client = "%({x-forwarded-for}i)s" if _settings.front == "nginx" else "%(h)s"
+access_log_format = _client + ' "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
 errorlog = "-"
-if _settings.log_format == "json":
-    from serve import logs
-
-    # Also here, not only in cifar-serve: `gunicorn -c serve/gunicorn_conf.py` starts without it.
+if _settings.log_format == "text":
+    # Also here, not only in cifar-serve: `gunicorn -c serve/gunicorn_conf.py` and the front start without it.
+    logs.configure_text()
+    logger_class = logs.Logger  # gunicorn's own handlers redact too
+else:
     logs.configure()
     logconfig_dict, logger_class = logs.CONFIG, logs.AccessLogger
-else:
-    from serve import logs
-
-    logger_class = logs.Logger  # gunicorn's own handlers redact too
 
 
 _made: list[str] = []

@@ -13,6 +13,7 @@ line through common/redact.py's rule first."""
 from __future__ import annotations
 
 import logging.config
+import os
 import traceback
 
 from gunicorn import glogging
@@ -45,6 +46,16 @@ CONFIG = {
         "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
     },
 }
+
+
+# SERVE_LOG_FORMAT=text: gunicorn's own layout, for the service's lines beside gunicorn's.
+TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+def configure_text() -> None:
+    """Set in a gunicorn master, inherited by the workers it forks (a no-op where already set)."""
+    logging.basicConfig(level=logging.INFO, format=TEXT)
+    redact.install()
 
 
 def configure() -> None:
@@ -81,7 +92,9 @@ class AccessLogger(Logger):
             "bytes": atoms["B"],
             "duration_s": request_time.total_seconds(),
             "request_id": atoms.get("{x-request-id}o"),  # set by the app, echoed in X-Request-ID
-            "remote": atoms["h"],
+            # Behind nginx (serve/front.py, which sets SERVE_FRONT=nginx for gunicorn) the peer is
+            # always nginx: the X-Forwarded-For chain it passes on ends with the address it saw.
+            "remote": atoms["{x-forwarded-for}i"] if os.environ.get("SERVE_FRONT") == "nginx" else atoms["h"],
         }
         try:
             self.access_log.info("%s %s", atoms["r"], atoms["s"], extra=fields)

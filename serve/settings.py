@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     tfserving_timeout_s: float = Field(10.0, gt=0)
 
     host: str = "0.0.0.0"
+    # nginx in front (serve/front.py) reads each request whole, so a slow client holds no
+    # worker thread. auto: nginx where it is installed (the serving image has it), else
+    # gunicorn alone, which the startup line says.
+    front: Literal["auto", "nginx", "none"] = "auto"
+    # A connection whose headers take longer than this in all is closed (nginx).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # A connection whose body pauses longer than this between two reads is closed (nginx).
+    body_timeout_s: float = Field(10.0, gt=0)
     port: int = Field(8080, ge=1, le=65535)
     # One process runs one request's Python (JSON, validation) at a time, and
     # that, not the batched model, is what bounds throughput; so one worker
