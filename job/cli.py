@@ -67,8 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_redacted(kind, value, tb) -> None:
+    """sys.excepthook for a crash that is no JobError: its traceback, redacted like every other line."""
+    print(redact("".join(traceback.format_exception(kind, value, tb))), end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    sys.excepthook = _print_redacted
     if not args.debug and args.command in ("train", "evaluate"):
         from common.tfquiet import import_tensorflow_quietly
 

@@ -168,6 +168,19 @@ def presigned_runs(tmp_path_factory):
     return tmp, runs
 
 
+def test_a_crash_that_is_no_job_error_prints_its_traceback_redacted(tmp_path):
+    # Not one of the job's own errors (those print one line): Python's traceback, which quotes the
+    # exception's message, and with it any URL the message holds.
+    crash = (f"import sys\nfrom job import cli\n"
+             f"def crash(args):\n    raise RuntimeError('cannot open {presigned('https://b.s3.amazonaws.com')}')\n"
+             f"cli._dispatch = crash\nsys.exit(cli.main(['check-config']))\n")
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120,
+                          env=clean_env(), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "RuntimeError: cannot open https://b.s3.amazonaws.com/cifar.tar.gz?" in done.stderr
+    assert not [s for s in SECRETS if s in done.stderr]
+
+
 @pytest.mark.slow
 def test_training_logs_hide_a_presigned_url(presigned_runs):
     _, (first, second) = presigned_runs
