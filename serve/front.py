@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from serve.settings import Settings
@@ -116,6 +119,20 @@ http {{
 """
 
 
+# nginx's error_log line: "2026/12/08 01:00:00 [error] 7#7: *1 message"
+NGINX_LINE = re.compile(r"^\S+ \S+ \[(?P<level>\w+)\] \d+#\d+: (?P<message>.*)$")
+
+
+def _relay(stream) -> None:
+    """nginx's log lines as the service's own (logger serve.nginx): in SERVE_LOG_FORMAT, and through
+    common/redact.py's rule like every other line, since they quote the requests they are about."""
+    log = logging.getLogger("serve.nginx")
+    for line in stream:
+        parsed = NGINX_LINE.match(line.rstrip("\n"))
+        level, message = (parsed["level"], parsed["message"]) if parsed else ("error", line.rstrip("\n"))
+        log.log(logging.WARNING if level in ("warn", "notice", "info") else logging.ERROR, "%s", message)
+
+
 def _die_with_parent(sig: int):
     """A child that outlives `cifar-serve` (SIGKILL, OOM) gets `sig`, rather than holding the port."""
     def set_death_signal():
@@ -135,7 +152,10 @@ def run(settings: Settings) -> int:
     children = {}
     try:
         proxy = subprocess.Popen([nginx(), "-e", "stderr", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                                 stderr=subprocess.PIPE, text=True, errors="replace",
                                  preexec_fn=_die_with_parent(signal.SIGTERM))
+        relay = threading.Thread(target=_relay, args=(proxy.stderr,), name="nginx-log", daemon=True)
+        relay.start()
         children[proxy.pid] = "nginx"
         # SIGINT, not SIGTERM: with nginx gone there is nobody left to drain for.
         service = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env=env,
@@ -152,7 +172,7 @@ def run(settings: Settings) -> int:
                 break
         code = os.waitstatus_to_exitcode(status)
         if children[pid] == "nginx":
-            print(f"cifar-serve: nginx exited ({code}); stopping the service", file=sys.stderr, flush=True)
+            logging.getLogger("serve").error("nginx exited (%s); stopping the service", code)
             service.terminate()
             service.wait()
             return code or 1
@@ -164,4 +184,5 @@ def run(settings: Settings) -> int:
             proxy.kill()
         return code
     finally:
+        relay.join(timeout=5)  # nginx's last lines, written as it stopped
         shutil.rmtree(prefix, ignore_errors=True)

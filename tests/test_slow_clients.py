@@ -6,6 +6,7 @@ an oversized body is a 413 in the service's format, chunked or not
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -83,3 +84,22 @@ def test_nginx_answers_in_the_services_error_format(service):
     assert answer.headers["Content-Type"] == "application/json"
     assert "error" in answer.json()
     assert answer.headers["Server"] == "nginx"  # and no version
+
+
+def test_nginx_lines_are_the_services_own_in_its_format_and_redacted(exported_model):
+    service = ServeProcess("--model-uri", str(exported_model), "--workers", "1", "--host", "127.0.0.1",
+                           env={**os.environ, "SERVE_LOG_FORMAT": "json", "SERVE_MAX_BODY_BYTES": "1048576"})
+    try:
+        service.wait_ready(timeout=120)
+        # nginx logs a body it refuses, quoting the request line, query string and all.
+        answer = requests.post(service.url + "/predict?token=SECRET28", data=bytes(2 * 1024 * 1024), timeout=30,
+                               headers={"Content-Type": "image/png"})
+        assert answer.status_code == 413
+    finally:
+        service.proc.send_signal(signal.SIGTERM)
+        service.proc.wait(timeout=60)
+        service.stop(drain=True)
+    lines = [json.loads(line) for stream, line in service.lines if line.strip()]  # every line JSON
+    refused = [line for line in lines if line["logger"] == "serve.nginx" and "too large body" in line["message"]]
+    assert refused and "token=***" in refused[0]["message"]
+    assert "SECRET28" not in service.output()
