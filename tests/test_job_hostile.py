@@ -16,12 +16,14 @@ import zipfile
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from helpers import REAL_SMALL, clean_env, free_port
+from helpers import REAL_SMALL, clean_env, free_port, pixels, png
 from job.cli import main
 from job.errors import ConfigError
+from job.image_folder import load_image_folder
 
 pytestmark = pytest.mark.usefixtures("no_cifar_env")
 
@@ -345,3 +347,36 @@ def test_json_in_the_environment_nested_too_deep_exits_2(capsys, monkeypatch, va
     assert main(["check-config"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+# --- archive members that point elsewhere: read from memory, never written ---------------------
+
+
+def test_archive_members_with_dot_dot_absolute_paths_or_links_write_nothing_and_read_no_target(tmp_path):
+    classes = [f"c{i}" for i in range(10)]
+    archive = tmp_path / "work" / "folders.tar.gz"
+    archive.parent.mkdir()
+    secret = tmp_path / "outside.png"  # what a link points at: must never be read into the data
+    secret.write_bytes(png(pixels(1, seed=99)[0]))
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            for i, name in enumerate(classes):
+                data = png(pixels(1, seed=i)[0])
+                info = tarfile.TarInfo(f"{split}/{name}/{i}.png")
+                info.size = len(data)
+                tar.addfile(info, BytesIO(data))
+        for name, kind in (("train/c0/sym.png", tarfile.SYMTYPE), ("train/c1/hard.png", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, str(secret)
+            tar.addfile(link)
+        for name in ("../escape/train/c0/x.png", str(tmp_path / "abs" / "train" / "c0" / "y.png")):
+            data = png(pixels(1, seed=98)[0])
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, BytesIO(data))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    (images, labels), _, names = load_image_folder(archive)
+    # Only the ten regular members under train/: neither a link's target nor a member outside the root.
+    assert names == tuple(classes)
+    assert [img.tolist() for img in images[np.argsort(labels)]] == [pixels(1, seed=i)[0].tolist() for i in range(10)]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
