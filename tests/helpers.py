@@ -3,6 +3,7 @@ a free port, the one wait helper, a small run's overrides, test images and their
 PNG files, publishing a model version (locally, or a copy on S3), `cifar-serve`
 as a subprocess, a stand-in for a data set's host, and CIFAR-10's own files."""
 
+import functools
 import http.server
 import io
 import json
@@ -398,11 +399,24 @@ def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float
     )
 
 
-def compose_config() -> dict:
-    if not shutil.which("docker-compose"):
-        pytest.skip("needs Debian's docker-compose package")
-    done = subprocess.run(["docker-compose", "config"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+@functools.cache
+def compose_missing() -> str | None:
+    """Why Compose v2 (`docker compose`, what users run) cannot run here, or None."""
+    if not shutil.which("docker"):
+        return "needs Debian's docker.io package (docker is not on PATH)"
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode:
+        return ("needs Compose v2, `docker compose`: Debian 13's docker-compose package "
+                "(on Debian 12, scripts/compose-v2.sh installs its plugin)")
+    return None
+
+
+def compose_config(*files: str) -> dict:
+    """The compose project as `docker compose config` resolves it: docker-compose.yml, or these files."""
+    if missing := compose_missing():
+        pytest.skip(missing)
+    done = subprocess.run(["docker", "compose", *(arg for f in files for arg in ("-f", f)), "config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (files, done.stderr)
     return yaml.safe_load(done.stdout)
 
 

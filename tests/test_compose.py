@@ -29,7 +29,7 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
-from helpers import AGREEMENT_RUN, SlowClients, assert_agree, free_port, timed_status, wait_until
+from helpers import AGREEMENT_RUN, SlowClients, assert_agree, compose_missing, free_port, timed_status, wait_until
 
 # The first test also builds the images: minutes on a cold Docker cache.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -43,17 +43,17 @@ PIXELS = np.asarray(Image.open(IMAGE).convert("RGB").resize((32, 32)), dtype=np.
 
 
 def engine_missing() -> str | None:
-    for tool, package in (("docker", "docker.io"), ("docker-compose", "docker-compose"),
-                          ("debootstrap", "debootstrap")):
-        if not shutil.which(tool):
-            return f"needs Debian's {package} package ({tool} is not on PATH)"
+    if missing := compose_missing():
+        return missing
+    if not shutil.which("debootstrap"):
+        return "needs Debian's debootstrap package (debootstrap is not on PATH)"
     if subprocess.run(["docker", "info"], capture_output=True).returncode:
         return "needs a running Docker engine (dockerd, from Debian's docker.io package)"
     return None
 
 
 class Compose:
-    """docker-compose on one project, with the files and variables a test gives."""
+    """`docker compose` (v2) on one project, with the files and variables a test gives."""
 
     def __init__(self, project: str, env: dict, files: list[str] = FILES):
         self.project, self.env, self.files = project, env, files
@@ -64,14 +64,15 @@ class Compose:
     def __call__(self, *args: str, env: dict | None = None, timeout: float = 600) -> str:
         # Only the variables compose interpolates are the test's; none of the caller's CIFAR_/SERVE_/AWS_ leak in.
         base = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_", "SERVE_", "AWS_", "MINIO_"))}
-        done = subprocess.run(["docker-compose", "-p", self.project, *sum((["-f", f] for f in self.files), []), *args],
-                              cwd=ROOT, env={**base, **self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
-        assert done.returncode == 0, f"docker-compose {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+        files = [arg for f in self.files for arg in ("-f", f)]
+        done = subprocess.run(["docker", "compose", "-p", self.project, *files, *args], cwd=ROOT,
+                              env={**base, **self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"docker compose {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
         return done.stdout
 
     def container(self, service: str) -> str:
-        return self("ps", "-q", service).strip()
+        # -a: v2's ps lists only running containers, and the tests inspect and wait on ones that exit.
+        return self("ps", "-a", "-q", service).strip()
 
     def state(self, service: str) -> dict:
         out = subprocess.run(["docker", "inspect", self.container(service)], capture_output=True, text=True, check=True)

@@ -60,7 +60,7 @@ def run_dataset(service: dict, env: dict, origin: str, md5: str, workdir: Path) 
                       f"cifar10.CANONICAL_URL, cifar10.CANONICAL_MD5 = {origin!r}, {md5!r}\n"
                       "from job.cli import main\nsys.exit(main())\n")
     script.chmod(0o755)
-    # `docker-compose config` keeps compose's `$$` escape; the container's shell sees `$`.
+    # `docker compose config` keeps compose's `$$` escape; the container's shell sees `$`.
     argv = [*service["entrypoint"], *(arg.replace("$$", "$") for arg in service["command"])]
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "PYTHONPATH": str(ROOT),
            "CIFAR_DATA__CACHE_DIR": str(workdir / "cache")}
@@ -118,9 +118,7 @@ def test_compose_services_rehearsed_as_local_processes(s3_server, origin, tmp_pa
     # serve: its compose environment, TF Serving's address swapped for the stand-in's.
     serve_env = {**env["serve"], "SERVE_TFSERVING_ADDRESS": f"127.0.0.1:{port}", "SERVE_POLL_SECONDS": "0.5"}
     # The container listens on 8080 (the image's SERVE_PORT); here, on a free port.
-    published = services["serve"]["ports"][0]  # "127.0.0.1:8080:8080/tcp", or compose's long form
-    target = published["target"] if isinstance(published, dict) else published.split("/")[0].split(":")[-1]
-    assert str(target) == "8080"
+    assert services["serve"]["ports"][0]["target"] == 8080
     service = ServeProcess("--host", "127.0.0.1", env=serve_env, cwd=ROOT)
     proc, url = service.proc, service.url
     try:

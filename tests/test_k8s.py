@@ -1,10 +1,15 @@
-"""The Kubernetes manifests, parsed and checked against the code they run."""
+"""The Kubernetes manifests, parsed and checked against the code they run and
+against the API schemas of the clusters that run them."""
 
+import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
+import pytest
 import yaml
 
 from job.errors import ConfigError, DataError, DivergedError, Preempted
@@ -16,6 +21,59 @@ def docs(name):
     return list(yaml.safe_load_all((ROOT / "infra" / "k8s" / name).read_text()))
 
 
+# The oldest minor version the big managed services (EKS, GKE, AKS) still support, and the newest
+# kubernetes-validate knows.
+KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+# Kubeflow training operator v1.9.0's TFJob CRD, vendored (tests/data/README.md says from where).
+TFJOB_CRD = ROOT / "tests" / "data" / "kubeflow-training-operator" / "kubeflow.org_tfjobs.yaml"
+
+
+def closed(schema):
+    """A CRD's schema as the API server reads it under strict field validation: an object takes no field
+    its schema does not name, unless the schema says it keeps unknown fields."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: closed(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    return schema
+
+
+@functools.cache
+def tfjob_validator() -> jsonschema.Draft4Validator:
+    crd = yaml.load(TFJOB_CRD.read_text(), Loader=yaml.CSafeLoader)
+    (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    # A CRD's schema is OpenAPI 3.0's, whose keywords are JSON Schema draft 4's.
+    return jsonschema.Draft4Validator(closed(v1["schema"]["openAPIV3Schema"]))
+
+
+def validate(resource: dict, kubernetes_version: str) -> None:
+    """Raises unless the cluster (the training operator's CRD, for a TFJob) would take the resource as it is."""
+    if (resource["apiVersion"], resource["kind"]) == ("kubeflow.org/v1", "TFJob"):
+        tfjob_validator().validate(resource)
+    else:
+        kubernetes_validate.validate(resource, kubernetes_version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", sorted((ROOT / "infra" / "k8s").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_manifest_is_what_the_oldest_and_newest_supported_clusters_accept(path, version):
+    for resource in docs(path.name):
+        validate(resource, version)
+
+
+@pytest.mark.parametrize("where, field", [(("spec", "tfReplicaSpecs", "Worker"), "replica"),
+                                          (("spec", "tfReplicaSpecs", "Worker", "template", "spec"), "container")])
+def test_a_tfjob_field_the_operator_does_not_define_is_refused(where, field):
+    (tfjob,) = docs("train-tfjob.yaml")
+    functools.reduce(dict.get, where, tfjob)[field] = 2  # a misspelt `replicas`, `containers`
+    with pytest.raises(jsonschema.ValidationError, match=f"'{field}' was unexpected"):
+        validate(tfjob, KUBERNETES_VERSIONS[0])
+
+
 def assert_a_valid_train_command(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "job", "check-config", *args[1:]], cwd=ROOT,
                           capture_output=True, text=True)
@@ -25,7 +83,7 @@ def assert_a_valid_train_command(args: list[str]) -> None:
 def test_training_job_retries_disruptions_and_fails_fast_on_bad_config():
     (job,) = docs("train-job.yaml")
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     by_action = {r["action"]: r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r}
     assert by_action["Ignore"] == [Preempted.exit_code]
     assert set(by_action["FailJob"]) == {ConfigError.exit_code, DataError.exit_code, DivergedError.exit_code}
