@@ -144,6 +144,46 @@ def test_readiness_routes_are_open_and_the_rest_of_v2_models_is_not(client, expo
         assert c.get("/v2/models/cifar10", headers={"X-API-Key": wrong}).status_code == 401, wrong
 
 
+@pytest.fixture(scope="module")
+def keyed(exported_model):
+    from serve.app import create_app
+
+    app = create_app(Settings(model_uri=str(exported_model), poll_seconds=0.2, api_keys=["k1"]))
+    client = app.test_client()
+    wait_until(lambda: client.get("/readyz").status_code == 200)
+    yield client
+    app.extensions["predictor"].backend.close()
+
+
+# The key anywhere but X-API-Key or Authorization: Bearer, or a guarded route reached another way:
+# what the review tried, and what must stay a 401.
+MISPLACED = [
+    ("POST", "/v1/models/cifar10:predict?api_key=k1", {}),
+    ("POST", "/v1/models/cifar10:predict?X-API-Key=k1", {}),
+    ("POST", "/v1/models/cifar10:predict", {"Api-Key": "k1"}),
+    ("POST", "/v1/models/cifar10:predict", {"X-Api-Token": "k1"}),
+    ("POST", "/v1/models/cifar10:predict", {"Authorization": "Basic k1"}),
+    ("POST", "/v1/models/cifar10:predict", {"Authorization": "k1x"}),
+    ("POST", "/v1/models/cifar10:predict", {"Cookie": "X-API-Key=k1"}),
+    ("POST", "/v1/models/cifar10%3Apredict", {}),
+    ("POST", "/v1%2Fmodels/cifar10:predict", {}),
+    ("POST", "/v1/models/./cifar10:predict", {}),
+    ("HEAD", "/v1/models/cifar10", {}),
+    ("GET", "/v1/models/cifar10/metadata", {}),
+    ("PUT", "/v1/models/cifar10:predict", {}),
+    ("POST", "/invocations", {}),
+    ("POST", "/predict", {}),
+    ("POST", "/v2/models/cifar10/infer", {}),
+]
+
+
+@pytest.mark.parametrize("method, path, headers", MISPLACED)
+def test_a_key_anywhere_else_or_a_guarded_route_reached_another_way_is_401(keyed, method, path, headers):
+    body = json.dumps({"instances": PROBE[:1].tolist()})
+    answer = keyed.open(path, method=method, headers=headers, data=body, content_type="application/json")
+    assert answer.status_code == 401, (method, path, headers, answer.status_code)
+
+
 @pytest.mark.parametrize("version", ["01", "00", "１", "١", "1_0", "+1", "99999999999999999999999"])
 def test_a_version_is_ascii_digits_without_leading_zeros(client, version):
     for path in (f"/v1/models/cifar10/versions/{version}", f"/v1/models/cifar10/versions/{version}/metadata",
