@@ -20,8 +20,8 @@ SECRET_PARAMS = ("x-amz-signature", "x-amz-credential", "x-amz-security-token", 
 
 # scheme://user[:password]@ : everything between the scheme and the last '@' before the host.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s\"'<>]+@")
-_PARAM = re.compile(r"(?P<name>[?&;](?:%s)=)[^&;#\s\"'<>]*" % "|".join(map(re.escape, SECRET_PARAMS)),
-                    re.IGNORECASE)
+_NAMES = "|".join(map(re.escape, SECRET_PARAMS))
+_PARAM = re.compile(rf"(?P<name>[?&;](?:{_NAMES})=)[^&;#\s\"'<>]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
