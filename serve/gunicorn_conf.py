@@ -4,7 +4,8 @@ One worker per core (at most 4, fewer where memory is short: serve/settings.py)
 with many threads by default: the batched model is cheap, and what bounds
 throughput is each request's Python, which one process runs on one core at
 a time. The app is built in each worker
-after fork (no preload), so TensorFlow is never loaded in the master.
+after fork (no preload), so TensorFlow is never loaded in the master, and
+nowhere with SERVE_BACKEND=tfserving.
 """
 
 import math
@@ -72,6 +73,8 @@ def post_fork(server, worker):
     from serve import budget
 
     budget.return_freed_memory()  # before TensorFlow allocates anything
+    if _settings.backend == "tfserving":  # a forwarder: TensorFlow is TF Serving's, not in this process
+        return
     if not _settings.debug:
         from common.tfquiet import import_tensorflow_quietly
 

@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     # holds a TensorFlow runtime (default_workers).
     workers: int = Field(default_factory=default_workers, ge=1)
     threads: int = Field(16, ge=1)
-    # TensorFlow's intra-op and inter-op thread pools in each worker, both this
+    # TensorFlow's intra-op and inter-op thread pools in each worker of the
+    # in-process backend (the TF Serving backend holds no TensorFlow), both this
     # size; unset, TensorFlow sizes each to every core the worker sees, in every
     # worker, CPU quota or not. Set in the worker before TensorFlow starts its
     # runtime. On 2 cores, 1 changed neither memory nor throughput (docs/benchmarks.md).

@@ -1,6 +1,8 @@
 """The TF Serving backend: predictions forwarded over gRPC to a TF Serving
 (or anything speaking its PredictionService/ModelService) at
-`tfserving_address`; readiness from its GetModelStatus."""
+`tfserving_address`; readiness from its GetModelStatus. Its messages are
+serve/protos/'s, TF Serving's own without TensorFlow: a process of this
+backend never imports TensorFlow (tests/test_forwarder.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ import threading
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (
+
+from common import layout
+from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
+from serve.backends import Loaded, UpstreamError
+from serve.batching import request_ids
+from serve.protos.tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_pb2,
@@ -18,11 +25,6 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-
-from common import layout
-from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
-from serve.backends import Loaded, UpstreamError
-from serve.batching import request_ids
 from serve.settings import Settings
 
 log = logging.getLogger("serve")

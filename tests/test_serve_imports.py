@@ -58,10 +58,10 @@ def package_imports(package: str, top_level_only: bool = False) -> dict[str, set
 
 
 def test_serve_has_no_import_circle():
-    modules = {"serve." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py")}
-    modules = {m.removesuffix(".__init__") for m in modules}
-    graph = {m: imports(PACKAGE.joinpath(*m.split(".")[1:]).with_suffix(".py"), modules - {m})
-             for m in modules if m != "serve"}
+    files = {("serve." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    graph = {m: imports(path, modules - {m}) for m, path in files.items() if m != "serve"}
 
     def circle_from(module: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
         if module in path:
