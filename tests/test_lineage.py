@@ -111,10 +111,10 @@ def flat(value, prefix=""):
 
 @pytest.mark.slow
 def test_an_exported_version_says_where_it_came_from(tmp_path, run_job, monkeypatch):
-    for name, value in {"AWS_BATCH_JOB_ID": "8a1b-batch", "AWS_BATCH_JOB_ATTEMPT": "3",
-                        "CIFAR_IMAGE": "registry.example/cifar10-pipeline-train:abc", "CIFAR_CODE_REVISION": "baked"}.items():
+    for name, value in {"AWS_BATCH_JOB_ID": "8a1b-batch", "AWS_BATCH_JOB_ATTEMPT": "3", "CIFAR_CODE_REVISION": "baked",
+                        "CIFAR_IMAGE": "registry.example/cifar10-pipeline-train:abc"}.items():
         monkeypatch.setenv(name, value)
-    result, _ = run_job(small_overrides(tmp_path))
+    run_job(small_overrides(tmp_path))
     card = json.loads((tmp_path / "export/cifar10/1/assets.extra/model_card.json").read_text())
     got = card["lineage"]
     assert got["image"] == "registry.example/cifar10-pipeline-train:abc"
@@ -166,3 +166,106 @@ def test_make_images_passes_every_label_argument():
         args, labels, _ = dockerfile(name)
         assert {labels[f"org.opencontainers.image.{label}"].strip("${}") for label in OCI_LABELS} <= build_args
     assert "git rev-parse HEAD" in script and "date -u +%Y-%m-%dT%H:%M:%SZ" in script
+
+
+# --- the service shows the served version's card ------------------------------------------------------
+
+CARD = {"test_accuracy": 0.5, "data_checksum": "sha256:ab",
+        "lineage": {"code_revision": "c0ffee", "code_dirty": False, "image": "registry.example/train:7",
+                    "job": {"platform": "aws-batch", "id": "8a1b", "attempt": 1, "name": None, "pod": None,
+                            "namespace": None},
+                    "data": {"source": "cifar10", "uri": PRESIGNED, "checksum": "sha256:ab"},
+                    "checkpoint_uri": "s3://runs/ckpt", "created": "2025-01-02T03:04:05Z", "package_version": "0.1.0",
+                    "tensorflow_version": "2.21.0", "python_version": "3.11.2"}}
+
+
+def write_card(card: dict | None):
+    """A damage for publish_copy: the version's model card replaced (None: removed)."""
+    def damage(version_dir: Path) -> None:
+        path = version_dir / "assets.extra" / "model_card.json"
+        path.unlink()
+        if card is not None:
+            path.write_text(json.dumps(card))
+    return damage
+
+
+@pytest.mark.slow
+def test_the_service_shows_the_served_versions_card(make_app, exported_model, tmp_path):
+    from helpers import publish_copy, wait_until
+    from serve.settings import Settings
+
+    base = tmp_path / "cifar10"
+    publish_copy(base, exported_model, write_card(CARD))
+    c = make_app(Settings(model_uri=str(base), poll_seconds=0.1, api_keys=["k1"])).test_client()
+    wait_until(lambda: c.get("/readyz").status_code == 200, what="the app to be ready")
+    key = {"X-API-Key": "k1"}
+    for route in ("/v1/models/cifar10/card", "/v1/models/cifar10/versions/1/card"):
+        answer = c.get(route, headers=key)
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1", answer.json
+        assert answer.json["lineage"]["image"] == "registry.example/train:7"
+        assert answer.json["lineage"]["job"]["id"] == "8a1b"
+        # Written by hand with a presigned URL in it: the service shows it redacted all the same.
+        assert SECRET not in answer.get_data(as_text=True)
+        assert answer.json["lineage"]["data"]["uri"].endswith("X-Amz-Signature=***")
+    assert c.get("/v1/models/cifar10/card").status_code == 401  # guarded as the metadata is
+    for route in ("/v1/models/cifar10/versions/2/card", "/v1/models/other/card", "/v1/models/cifar10/labels/x/card"):
+        assert c.get(route, headers=key).status_code == 404, route
+    # In the OpenAPI document, under the key, with the card's schema.
+    document = c.get("/openapi.json").json
+    operation = document["paths"]["/v1/models/{name}/card"]["get"]
+    assert operation["security"] and set(operation["responses"]) >= {"200", "401", "404"}
+    assert "lineage" in document["components"]["schemas"]["ModelCard"]["properties"]
+    assert "Lineage" in document["components"]["schemas"]
+
+
+def test_a_version_without_a_card_answers_404_saying_so(make_app, exported_model, tmp_path):
+    from helpers import publish_copy, wait_until
+    from serve.settings import Settings
+
+    base = tmp_path / "cifar10"
+    publish_copy(base, exported_model, write_card(None))
+    c = make_app(Settings(model_uri=str(base), poll_seconds=0.1)).test_client()
+    wait_until(lambda: c.get("/readyz").status_code == 200, what="the app to be ready")
+    answer = c.get("/v1/models/cifar10/card")
+    assert answer.status_code == 404 and answer.json == {"error": "version 1 has no model card"}
+
+
+def publish_on_s3(bucket: str, prefix: str, card: bytes, tmp_path: Path) -> None:
+    """A version under `prefix` as the job publishes it (files, then the manifest), a card its one file of note."""
+    import boto3
+
+    from common import layout
+
+    folder = tmp_path / "version"
+    (folder / "assets.extra").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"graph")
+    (folder / layout.CARD).write_bytes(card)
+    client = boto3.client("s3")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{layout.MARKER}", Body=layout.manifest(folder))
+
+
+def test_the_card_is_read_from_s3_as_its_manifest_recorded_it(s3, tmp_path):
+    import boto3
+
+    from common import layout
+    from serve import store
+
+    publish_on_s3(s3, "models/cifar10/3", json.dumps(CARD).encode(), tmp_path)
+    assert store.card(f"s3://{s3}/models/cifar10", 3) == CARD
+    boto3.client("s3").put_object(Bucket=s3, Key=f"models/cifar10/3/{layout.CARD}", Body=b"{}")
+    with pytest.raises(store.VersionError, match="corrupt"):
+        store.card(f"s3://{s3}/models/cifar10", 3)
+
+
+def test_the_tfserving_backend_needs_the_model_store_for_cards():
+    from serve.settings import Settings
+    from serve.tfserving import TFServing
+
+    backend = TFServing(Settings(backend="tfserving", tfserving_address="127.0.0.1:9", poll_seconds=60))
+    try:
+        with pytest.raises(LookupError, match="set SERVE_MODEL_URI"):
+            backend.card(1)
+    finally:
+        backend.close()
