@@ -57,7 +57,8 @@ def job(environ: Mapping[str, str]) -> Job:
     get = {name: value for name, value in environ.items() if value}.get
     if get("AWS_BATCH_JOB_ID"):
         attempt = get("AWS_BATCH_JOB_ATTEMPT", "")
-        return Job(platform="aws-batch", id=get("AWS_BATCH_JOB_ID"), attempt=int(attempt) if attempt.isdigit() else None)
+        return Job(platform="aws-batch", id=get("AWS_BATCH_JOB_ID"),
+                   attempt=int(attempt) if attempt.isdigit() else None)
     if get("TRAINING_JOB_NAME") or get("TRAINING_JOB_ARN"):
         return Job(platform="sagemaker", id=get("TRAINING_JOB_ARN"), name=get("TRAINING_JOB_NAME"))
     if get("CLOUD_ML_JOB_ID"):
