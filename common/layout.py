@@ -42,6 +42,9 @@ PROBE_IMAGES = "assets.extra/probe_images.npy"
 PROBE_OUTPUTS = "assets.extra/probe_outputs.npz"
 WARMUP = "assets.extra/tf_serving_warmup_requests"
 
+# A card is a few KB (the run's config, metrics and lineage); a file far larger is no card the job wrote.
+CARD_LIMIT = 1 << 20
+
 # CIFAR-10's classes in the dataset's label order: the labels of a version
 # exported before labels.txt existed, and of every model trained on CIFAR-10.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -124,3 +127,23 @@ def labels(version_dir: Path) -> tuple[str, ...]:
     """A version's class names, as the job wrote them."""
     path = Path(version_dir) / LABELS
     return tuple(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else CIFAR10_CLASSES
+
+
+def parse_card(body: bytes) -> dict | None:
+    """A model card's JSON object; None for anything else, or for more than CARD_LIMIT bytes."""
+    if len(body) > CARD_LIMIT:
+        return None
+    try:
+        card = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's depth
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def read_card(version_dir: Path) -> dict | None:
+    """A local version's model card; None when it has none (or not one parse_card takes)."""
+    try:
+        with open(Path(version_dir) / CARD, "rb") as f:
+            return parse_card(f.read(CARD_LIMIT + 1))
+    except OSError:
+        return None

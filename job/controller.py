@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import tensorflow as tf
 
-from job import data, distribute, export, model, resume, sources, storage
+from job import data, distribute, export, lineage, model, resume, sources, storage
 from job.checkpoints import Checkpointer, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import DivergedError, PeerLost, Preempted, StorageError
@@ -306,7 +306,8 @@ class Controller:
                 "data_checksum": splits.checksum, "class_names": list(splits.class_names),
                 "config": cfg.model_dump(mode="json"), "tensorflow": tf.__version__,
                 "distribution": {"strategy": self.cluster.name, "workers": self.cluster.workers,
-                                 "replicas": self.cluster.replicas}}
+                                 "replicas": self.cluster.replicas},
+                "lineage": lineage.collect(cfg, splits.checksum, tf.__version__).model_dump(mode="json")}
         version, uri = export.export(served, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
                                      splits.class_names, cfg.checkpoint.retry_seconds)
         self.console.info(f"exported model version {version} to {uri}")

@@ -97,7 +97,9 @@ def job_definition(opts: BatchOptions) -> dict:
     resources = [{"type": "VCPU", "value": str(opts.vcpus)}, {"type": "MEMORY", "value": str(opts.memory)}]
     if opts.gpus:
         resources.insert(0, {"type": "GPU", "value": str(opts.gpus)})
-    container: dict[str, Any] = {"image": opts.image, "command": list(COMMAND), "resourceRequirements": resources}
+    container: dict[str, Any] = {"image": opts.image, "command": list(COMMAND), "resourceRequirements": resources,
+                                 # The container cannot see its own image; the model card records it (job/lineage.py).
+                                 "environment": [{"name": "CIFAR_IMAGE", "value": opts.image}]}
     if opts.job_role_arn:
         # Credentials come from the job role, never from the request.
         container["jobRoleArn"] = opts.job_role_arn

@@ -53,9 +53,21 @@ if ! docker image inspect "$base" >/dev/null 2>&1 && ! docker pull --quiet "$bas
   stand_in_base
 fi
 
+# The OCI labels (org.opencontainers.image.*): the checkout's commit, the time,
+# the version pyproject.toml names, and the repository's URL: git's `origin`
+# through common/redact.py's rule (a user and password in it stay out of the
+# image), else SOURCE, else a placeholder that says none was set.
+revision=$(git rev-parse HEAD 2>/dev/null || true)
+created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+version=$(awk -F'"' '/^version *=/ {print $2; exit}' pyproject.toml)
+origin=$(git remote get-url origin 2>/dev/null || true)
+origin=$(python3 -c 'import sys; from common.redact import redact; print(redact(sys.argv[1]))' "$origin")
+source=${SOURCE:-${origin:-unknown: no git remote origin (set SOURCE)}}
 for image in train serve; do
   start=$(date +%s)
-  docker build -f "Dockerfile.$image" -t "cifar10-pipeline-$image:$TAG" .
+  docker build -f "Dockerfile.$image" -t "cifar10-pipeline-$image:$TAG" \
+    --build-arg REVISION="$revision" --build-arg SOURCE="$source" \
+    --build-arg CREATED="$created" --build-arg VERSION="$version" .
   echo "images: cifar10-pipeline-$image:$TAG built in $(( $(date +%s) - start )) s," \
     "$(docker image inspect -f '{{.Size}}' "cifar10-pipeline-$image:$TAG" | awk '{printf "%.2f GB", $1 / 1e9}')"
 done

@@ -30,6 +30,7 @@ class Loaded:
     labels: tuple[str, ...]
     predict_bytes: object = None  # its predict_image_bytes signature, where the export has one
     signature_defs: dict | None = None  # name -> SignatureDef proto, as TF Serving reports them
+    card: dict | None = None  # its model card (common/layout.py), where this process has read it
 
 
 class Backend(Protocol):
@@ -41,6 +42,9 @@ class Backend(Protocol):
 
     def signature_defs(self, version: int) -> dict:
         """name -> SignatureDef of `version`, as TF Serving's metadata reports them."""
+
+    def card(self, version: int) -> dict:
+        """`version`'s model card; LookupError saying why there is none to show."""
 
     def status(self) -> Loaded | None:
         """The version served now; None before there is one."""

@@ -194,7 +194,7 @@ class InProcess:
         labels = layout.labels(path)
         # The SignatureDefs as saved, which is what TF Serving's metadata reports.
         return Loaded(version, signature, labels, signatures.get("predict_image_bytes"),
-                      dict(saved.meta_graphs[0].signature_def))
+                      dict(saved.meta_graphs[0].signature_def), layout.read_card(path))
 
     def _serving(self) -> Loaded:
         loaded = self.status()
@@ -227,6 +227,12 @@ class InProcess:
         if loaded is None or loaded.version != version:
             raise Unavailable(f"version {version} is not loaded")
         return loaded.signature_defs
+
+    def card(self, version: int) -> dict:
+        held = self.held.get(version)
+        if held is None or held.card is None:
+            raise LookupError(f"version {version} has no model card")
+        return held.card
 
     @property
     def waiting_for(self) -> str | None:

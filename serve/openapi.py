@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from serve.schemas import (
     Error,
     Health,
+    ModelCard,
     PredictRequest,
     PredictResponse,
     UploadResponse,
@@ -50,6 +51,8 @@ ROUTES = {
     "readyz": Op("a model is loaded (/ping is SageMaker's name for it)", Health, not_ready=Health),
     "v1_status": Op("TF Serving model status", V1Status, errors=(404,)),
     "v1_metadata": Op("TF Serving model metadata, from the signatures", V1Metadata, errors=(404,)),
+    "v1_card": Op("the served version's model card: its test metrics, config and lineage (commit, image, "
+                  "job ids, data, creation time); an extension of TF Serving's API", ModelCard, errors=(404, 503)),
     "v1_predict": Op("TF Serving REST predict: row (instances) or columnar (inputs) format",
                      PredictResponse, PredictRequest, MODEL_ERRORS),
     "v2_server": Op("Open Inference Protocol v2 server metadata: name, version, extensions", V2Server),
@@ -72,7 +75,7 @@ ROUTES = {
     "openapi": Op("this document", {"application/json": {"type": "object"}}),
     "docs": Op("Swagger UI for this document", {"text/html": {"type": "string"}}),
 }
-ERRORS = {400: "malformed request", 401: "missing or wrong API key", 404: "no such model, version or label",
+ERRORS = {400: "malformed request", 401: "missing or wrong API key", 404: "no such model, version, label or model card",
           413: "body too large", 415: "unsupported Content-Type",
           503: "no model loaded, or at capacity (see Retry-After)", 504: "no answer within the request timeout"}
 PARAMETERS = {"name": "the model's name", "version": "a model version; only the one loaded answers",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
+from markupsafe import escape
 
 from common.images import BadInput
 from serve import dataplane, images
@@ -50,10 +51,11 @@ def predict_upload():
 
 @bp.get("/")
 def index():
+    settings = current_app.extensions["settings"]
     page = (Path(bp.static_folder) / "index.html").read_text()
-    if current_app.extensions["settings"].api_keys:
-        page = page.replace("<body>", "<body data-api-key-required>", 1)
-    return Response(page, content_type="text/html; charset=utf-8")
+    # The model's name, for the card route the page reads; the key's need, before a 401 shows it.
+    marks = f' data-model="{escape(settings.name)}"' + (" data-api-key-required" if settings.api_keys else "")
+    return Response(page.replace("<body>", f"<body{marks}>", 1), content_type="text/html; charset=utf-8")
 
 
 @bp.get("/docs")

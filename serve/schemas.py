@@ -7,6 +7,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.card import Lineage
+
+
+class ModelCard(BaseModel):
+    """What the job recorded of the run that made a version (assets.extra/model_card.json); the keys
+    beyond these are the run's own (its config, epochs, timings, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    test_accuracy: float | None = None
+    data_checksum: str | None = None
+    lineage: Lineage | None = Field(None, description="where the version came from; absent from versions "
+                                                      "exported before the job recorded it")
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -55,6 +55,25 @@ def fingerprint(base: str, version: int) -> str:
     return hashlib.sha256(repr([(p, s.st_mode, s.st_mtime_ns, s.st_size) for p, s in stats]).encode()).hexdigest()
 
 
+def card(base: str, version: int) -> dict | None:
+    """`version`'s model card, read alone (the TF Serving backend has no copy of the version); on S3
+    only as the version's manifest recorded it. None when the version has none."""
+    if not base.startswith("s3://"):
+        return layout.read_card(Path(base) / str(version))
+    bucket, prefix = s3.split(base)
+    client = s3.client()
+    where = f"s3://{bucket}/{prefix}/{version}"
+    marker = client.get_object(Bucket=bucket, Key=f"{prefix}/{version}/{layout.MARKER}")["Body"].read()
+    digest = layout.read_manifest(marker, where).get(layout.CARD)
+    if digest is None:
+        return None
+    body = client.get_object(Bucket=bucket, Key=f"{prefix}/{version}/{layout.CARD}")["Body"].read(layout.CARD_LIMIT + 1)
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise VersionError(f"{where}/{layout.CARD} is corrupt: its SHA-256 differs from the one its "
+                           f"{layout.MARKER} manifest recorded when it was published")
+    return layout.parse_card(body)
+
+
 def local_path(base: str, version: int, cache_dir: str) -> Path:
     """A local directory holding `version` (downloaded once, for S3)."""
     if not base.startswith("s3://"):

@@ -15,7 +15,8 @@ import numpy as np
 
 from common import layout
 from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
-from serve.backends import Loaded, UpstreamError
+from serve import store
+from serve.backends import Loaded, Unavailable, UpstreamError
 from serve.batching import request_ids
 from serve.protos.tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -58,6 +59,8 @@ HTTP_STATUS = {
 class TFServing:
     def __init__(self, settings: Settings):
         self.name = settings.name
+        self.model_uri = settings.model_uri  # where TF Serving's versions are published, if the service is told
+        self._cards: dict[int, dict | None] = {}  # version -> its card: each read from the store once
         self.address = settings.tfserving_address
         self.timeout = settings.tfserving_timeout_s
         self.poll_seconds = settings.poll_seconds
@@ -136,6 +139,28 @@ class TFServing:
         if not response.metadata["signature_def"].Unpack(defs):
             raise UpstreamError(f"TF Serving at {self.address} answered metadata without a SignatureDefMap", 502)
         return dict(defs.signature_def)
+
+    def card(self, version: int) -> dict:
+        """TF Serving does not hand out a version's files: the card is read from the model store that
+        SERVE_MODEL_URI names, the one TF Serving's versions are published to (or mirrored from)."""
+        if not self.model_uri:
+            raise LookupError("the TF Serving backend reads model cards from the model store: set "
+                              "SERVE_MODEL_URI to the model base TF Serving's versions come from")
+        cards = self._cards  # request threads may replace it meanwhile
+        if version not in cards:
+            try:
+                cards = self._cards = {version: store.card(self.model_uri, version)}  # the served version's only
+            except store.VersionError:
+                raise LookupError(f"version {version}'s model card differs from its manifest") from None
+            except Exception as exc:
+                # The store's URI and error text stay in the log; this answer may reach anyone with a key.
+                log.warning("reading the model card of %s version %d from %s failed: %s", self.name, version,
+                            store.where(self.model_uri, version), store.describe(exc))
+                raise Unavailable("the model store could not be read for the model card") from None
+        card = cards[version]
+        if card is None:
+            raise LookupError(f"version {version} has no model card")
+        return card
 
     def _call(self, request, count: int) -> tuple[dict[str, np.ndarray], Loaded]:
         try:

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from common.images import BadInput
 from common.layout import BYTES_INPUT, BYTES_SIGNATURE, INPUT, SIGNATURE
+from common.redact import redact_data
 from serve import dataplane, deadline, images, schemas
 
 bp = Blueprint("tfserving_rest", __name__)
@@ -100,6 +101,18 @@ def v1_status(name, version=None, label=None):
 def v1_metadata(name, version=None, label=None):
     loaded = _loaded_or_404(name, version, label)
     return jsonify(encode_metadata(name, loaded.version, dataplane.predictor().backend.signature_defs(loaded.version)))
+
+
+@_routes("get", "/card")
+def v1_card(name, version=None, label=None):
+    """An extension of TF Serving's API: the served version's model card, as the job wrote it."""
+    loaded = _loaded_or_404(name, version, label)
+    try:
+        card = dataplane.predictor().backend.card(loaded.version)
+    except LookupError as exc:
+        abort(404, str(exc))
+    # The job redacted it; a card written by hand or by an older job is held to the same rule.
+    return jsonify(redact_data(card)), 200, {"X-Model-Version": str(loaded.version)}
 
 
 @_routes("post", ":predict")

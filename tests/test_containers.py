@@ -60,6 +60,8 @@ def test_compose_topology():
     assert {"minio", "train", "tfserving", "serve"} <= set(services)
     assert "healthcheck" in services["minio"]
     assert services["train"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    # The model card's image (job/lineage.py) is the one the job runs in.
+    assert services["train"]["environment"]["CIFAR_IMAGE"] == services["train"]["image"]
     assert [name for name, s in services.items() if s.get("ports")] == ["serve"]
     assert services["serve"]["environment"]["SERVE_BACKEND"] == "tfserving"
     assert "curl" not in json.dumps(services["tfserving"]["healthcheck"])  # the official image has none

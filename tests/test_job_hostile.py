@@ -212,7 +212,9 @@ def test_the_saved_config_and_model_card_hide_a_presigned_url(presigned_runs):
     cards = sorted((tmp / "export").rglob("model_card.json"))
     assert len(cards) == 2  # each run exported a version
     for card in cards:
-        assert json.loads(card.read_text())["config"]["data"]["uri"].endswith("X-Amz-Signature=***")
+        card = json.loads(card.read_text())
+        assert card["config"]["data"]["uri"].endswith("X-Amz-Signature=***")
+        assert card["lineage"]["data"]["uri"].endswith("X-Amz-Signature=***")  # where the version's data came from
     assert_hidden_under(tmp / "ckpt", tmp / "export", tmp / "cache")
 
 

@@ -216,3 +216,26 @@ def test_a_serve_pod_is_given_time_to_drain_before_it_is_killed():
     assert sleep[0] == "sleep" and settings.drain_seconds > 0
     # Kubernetes counts the grace period from the preStop hook's start.
     assert pod["terminationGracePeriodSeconds"] > float(sleep[1]) + settings.drain_seconds + settings.graceful_timeout
+
+
+def test_every_training_container_tells_the_model_card_its_image_job_and_pod():
+    from job import lineage
+
+    (job,) = docs("train-job.yaml")
+    (tfjob,) = docs("train-tfjob.yaml")
+    (train,) = job["spec"]["template"]["spec"]["containers"]
+    (worker,) = tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    # The label each controller puts on its pods: the Job controller's, and Kubeflow's training operator's.
+    for container, label in ((train, "job-name"), (worker, "training.kubeflow.org/job-name")):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CIFAR_IMAGE"]["value"] == container["image"], container["name"]
+        fields = {name: env[name]["valueFrom"]["fieldRef"]["fieldPath"]
+                  for name in ("CIFAR_K8S_JOB_NAME", "CIFAR_K8S_POD_NAME", "CIFAR_K8S_NAMESPACE")}
+        assert fields == {"CIFAR_K8S_JOB_NAME": f"metadata.labels['{label}']", "CIFAR_K8S_POD_NAME": "metadata.name",
+                          "CIFAR_K8S_NAMESPACE": "metadata.namespace"}
+        # What the job makes of the values the kubelet fills in.
+        pod = {"CIFAR_K8S_JOB_NAME": "cifar10-train", "CIFAR_K8S_POD_NAME": "cifar10-train-x7k2p",
+               "CIFAR_K8S_NAMESPACE": "default"}
+        assert lineage.job(pod).model_dump() == {"platform": "kubernetes", "id": None, "attempt": None,
+                                                 "name": "cifar10-train", "pod": "cifar10-train-x7k2p",
+                                                 "namespace": "default"}

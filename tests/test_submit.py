@@ -71,6 +71,8 @@ def test_dry_run_prints_both_requests_and_sends_nothing(tmp_path):
 
     assert sj["jobQueue"] == "q"
     assert jd["containerProperties"]["image"] == "img:1"
+    # The container learns its image from its environment, for the model card's lineage.
+    assert {"name": "CIFAR_IMAGE", "value": "img:1"} in jd["containerProperties"]["environment"]
     assert {"type": "GPU", "value": "1"} in jd["containerProperties"]["resourceRequirements"]
     rules = jd["retryStrategy"]["evaluateOnExit"]
     assert jd["retryStrategy"]["attempts"] == 5
@@ -241,6 +243,7 @@ def test_multinode_job_runs_the_same_container_on_every_node(tmp_path):
     [everyone] = nodes["nodeRangeProperties"]
     assert everyone["targetNodes"] == "0:"
     assert {"type": "GPU", "value": "8"} in everyone["container"]["resourceRequirements"]
+    assert {"name": "CIFAR_IMAGE", "value": "img:1"} in everyone["container"]["environment"]
     assert {"onExitCode": "75", "action": "RETRY"} in jd["retryStrategy"]["evaluateOnExit"]
     assert "containerOverrides" not in sj
     assert sj["nodeOverrides"] == {"nodePropertyOverrides": [
@@ -294,6 +297,7 @@ def test_submit_registers_the_definition_and_submits_the_job(tmp_path, batch):
     assert job["jobDefinition"] == out["jobDefinitionArn"]
     (definition,) = client.describe_job_definitions(jobDefinitions=[out["jobDefinitionArn"]])["jobDefinitions"]
     assert definition["containerProperties"]["image"] == "img:1"
+    assert {"name": "CIFAR_IMAGE", "value": "img:1"} in definition["containerProperties"]["environment"]
     last = definition["retryStrategy"]["evaluateOnExit"][-1]
     # moto answers the action in lower case; AWS Batch takes it in either.
     assert (last["onReason"], last["action"].upper()) == ("*", "EXIT")
