@@ -14,10 +14,12 @@ the S3 and service ports they publish on 127.0.0.1.
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -222,6 +224,23 @@ def test_up_trains_on_s3_exports_and_serves_through_tf_serving(stack, s3, servic
         return all(stack.state(name)["Health"]["Status"] == "healthy" for name in LONG_RUNNING)
 
     wait_until(healthy, timeout=180, interval=1, what=f"{', '.join(LONG_RUNNING)} to be healthy")
+
+    # Lineage: both images carry the OCI labels `make images` set, and version 1's card names the
+    # commit and the image it was trained in, and where its data came from.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for image in ("train", "serve"):
+        labels = json.loads(subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", f"cifar10-pipeline-{image}:dev"],
+            capture_output=True, text=True, check=True).stdout)
+        assert labels["org.opencontainers.image.revision"] == head, labels
+        assert labels["org.opencontainers.image.version"] == version, labels
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["org.opencontainers.image.created"]), labels
+        assert labels["org.opencontainers.image.source"], labels
+    card = json.loads(s3.get_object(Bucket="cifar", Key="models/cifar10/1/assets.extra/model_card.json")["Body"].read())
+    assert card["lineage"]["code_revision"] == head and card["lineage"]["image"] == "cifar10-pipeline-train:dev"
+    assert card["lineage"]["data"]["uri"] == "s3://cifar/data/cifar-10-binary.tar.gz", card["lineage"]
 
 
 # -- b. kill and resume ----------------------------------------------------------
