@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None, backend: backends.Backend | Non
     app.before_request(check_api_key)
     app.before_request(bound_body)
     app.after_request(finish_request)
+    app.teardown_request(lambda exc: deadline.end())
     for error, handler in ERROR_HANDLERS.items():
         app.register_error_handler(error, handler)
     return app

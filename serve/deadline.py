@@ -21,6 +21,11 @@ def start(seconds: float) -> None:
     _deadline.set(time.monotonic() + seconds)
 
 
+def end() -> None:
+    """No deadline after the request: a thread (a test's, gunicorn's) outlives its requests."""
+    _deadline.set(None)
+
+
 def at() -> float | None:
     """The deadline of the request on this thread, to hand to another thread; None outside a request."""
     return _deadline.get()

@@ -202,3 +202,10 @@ def test_a_body_that_takes_longer_than_the_deadline_gets_504_at_it_and_stops_usi
     assert cpu_seconds(pids) - used < 0.5  # nothing left decoding
     code, answer = post(svc.url + "/predict", flat_png(32, 32), "image/png")
     assert code == 200
+
+
+def test_a_request_leaves_no_deadline_behind_on_its_thread(client):
+    # The test client, like a gunicorn thread, runs many requests on one thread: work done on it
+    # later, outside any request, must not find the last request's (long expired) deadline.
+    assert client.get("/healthz").status_code == 200
+    assert deadline.at() is None
