@@ -361,7 +361,8 @@ class Controller:
             self.tracker.finish(card, store.read("curves.png"), version, uri)
         store.update(self.checkpointer.record, finished=True, export={"version": version, "uri": uri,
                                                                       "test_accuracy": test_acc,
-                                                                      "test_loss": test_loss})
+                                                                      "test_loss": test_loss},
+                     **self._tracking_fields())
         store.flush()
         return Result(step, test_acc, test_loss, version, uri)
 

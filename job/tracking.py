@@ -99,6 +99,8 @@ class Tracker:
         # the queue for minutes per call.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Its own "View run ... at" lines go to stdout unredacted; the job says where in one line of its own.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:  # only where tracking is on: the client is an extra, of the training image
             from mlflow.tracking import MlflowClient
         except ImportError:
@@ -149,7 +151,7 @@ class Tracker:
             self._closed.set()
             self.say(f"tracking: {redact(self.uri)} did not take the run's last records within "
                      f"tracking.exit_seconds ({self.exit_seconds:g}s); not waiting longer (metrics.jsonl and the "
-                     f"model card hold them, and a resumed run logs the missing epochs)")
+                     f"model card hold them all)")
 
     def _put(self, call, *args) -> None:
         try:
@@ -158,7 +160,7 @@ class Tracker:
             if not self._dropped:
                 self._dropped = True
                 self.say(f"tracking: more than {QUEUE_SIZE} records waiting for {redact(self.uri)}; dropping "
-                         f"new ones (a resumed run logs the epochs missing)")
+                         f"new ones (metrics.jsonl holds them; a resumed attempt logs the epochs missing)")
 
     # -- On the worker thread --
 
@@ -203,6 +205,8 @@ class Tracker:
         fresh = {k: v for k, v in clipped(params(config), MAX_PARAM_VAL_LENGTH).items() if k not in run.data.params}
         self._log(params=fresh, tags=clipped(tags, MAX_TAG_VAL_LENGTH))
         self._logged = self._steps()
+        self.say(f"tracking: MLflow run {run_id} (experiment {self.experiment!r}) at {redact(self.uri)}"
+                 f"{f', which holds {len(self._logged)} of its epochs' if self._logged else ''}")
 
     def _find_run(self):
         """The run latest.json names, else the one an earlier attempt created under this run's key, else a new one."""

@@ -135,6 +135,15 @@ def job_env(uri: str) -> dict:
             "MLFLOW_TRACKING_URI": uri}
 
 
+def said(out: str) -> list[str]:
+    """What the job said of tracking."""
+    return [line for line in out.splitlines() if line.startswith("tracking: ")]
+
+
+def run_id(tmp_path) -> str:
+    return json.loads((tmp_path / "ckpt" / "latest.json").read_text())["tracking"]["mlflow_run_id"]
+
+
 def metrics_jsonl(tmp_path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
 
@@ -171,7 +180,9 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_every_epoch_once(tmp_pa
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {killed_at}" in resumed.stdout
-    assert "tracking:" not in resumed.stdout + resumed.stderr  # the server was up: nothing to report
+    # The server was up: the run named, nothing else to report.
+    assert said(resumed.stdout) == [f"tracking: MLflow run {run_id(tmp_path)} (experiment 'kill9') at "
+                                     f"{mlflow_server}, which holds 1 of its epochs"]
 
     client, run = the_run(mlflow_server, "kill9")
     record = json.loads(latest.read_text())
@@ -246,11 +257,18 @@ def test_a_tracking_server_that_comes_up_late_gets_the_whole_run(tmp_path, untra
         server = start_mlflow(tmp_path / "mlflow", port)  # down until now
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
-        failing = [line for line in out.splitlines() if "tracking:" in line]
-        assert len(failing) == 2 and "failed" in failing[0] and "answers again" in failing[1], failing
+        lines = said(out)
+        # One line when it fails, none per call; then where the run went, and that the server is back.
+        assert len(lines) == 3 and "failed" in lines[0], lines
         assert "Traceback" not in err
         assert_same_training(tmp_path, untracked)
         client, run = the_run(uri, "late")
+        assert sorted(lines[1:]) == [f"tracking: MLflow run {run.info.run_id} (experiment 'late') at {uri}",
+                                     f"tracking: {uri} answers again; catching up"]
+        # Opened after the run's last checkpoint, found by the key every checkpoint holds.
+        record = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
+        assert run.data.tags[tracking.TAG_RUN_KEY] == record["tracking"]["run_key"]
+        assert run.info.status == "FINISHED"
         assert_every_epoch_once(client, run, metrics_jsonl(tmp_path))
     finally:
         if proc.poll() is None:
@@ -284,8 +302,24 @@ def test_a_tracking_server_that_refuses_changes_nothing_and_holds_the_exit_brief
     finally:
         server.shutdown()
     assert done.returncode == 0, done.stderr
-    said = [line for line in done.stdout.splitlines() if "tracking:" in line]
-    assert len(said) == 2 and "failed" in said[0] and "tracking.exit_seconds (2s)" in said[1], said
+    lines = said(done.stdout)
+    assert len(lines) == 2 and "failed" in lines[0] and "tracking.exit_seconds (2s)" in lines[1], lines
     assert SECRET not in done.stdout + done.stderr and "Traceback" not in done.stderr
     assert_same_training(tmp_path, untracked)
     assert took < 300
+
+
+def test_what_waits_for_commits_runs_after_them_and_never_after_one_that_gave_up(tmp_path):
+    from job.checkpoints import CheckpointStore, Uploader
+
+    store, calls = CheckpointStore(str(tmp_path), keep=1, uploader=Uploader(retry_seconds=0.1)), []
+    store.write_later("metrics.jsonl", b"{}\n")
+    store.after_commits(lambda: calls.append((tmp_path / "metrics.jsonl").exists()))
+    store.flush()
+    assert calls == [True]
+    (tmp_path / "blocked").mkdir()  # a write that cannot land: a folder where the file goes
+    store.write_later("blocked", b"x")
+    store.after_commits(lambda: calls.append("after a failed write"))
+    with pytest.raises(Exception, match="blocked"):
+        store.flush()
+    assert calls == [True]
