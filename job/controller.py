@@ -191,9 +191,7 @@ class Controller:
         self.checkpointer = Checkpointer(cfg, self.store, self.parts, start.latest, splits.checksum,
                                          self.cluster.is_chief, lease, self._tracking_fields)
         if self.tracker:
-            self._tracking_open = self._open_tracking(start, splits.checksum)
-            if start.latest is not None and start.restarted_from is None:  # its key is committed already
-                self._commit_tracking()
+            self._open_tracking(start, splits.checksum)
         if start.source is not self.store:
             # A checkpoint of its own at once: from here the run needs nothing
             # of the one it restarted from.
@@ -207,20 +205,23 @@ class Controller:
         self._commit_tracking()
 
     def _commit_tracking(self) -> None:
-        """Opens the MLflow run once a committed checkpoint holds its key: an attempt killed before its
-        first commit leaves no MLflow run behind that the next one could not find."""
+        """Open the MLflow run after the commits queued so far, if it waits for one."""
         opening, self._tracking_open = self._tracking_open, None
         if opening:
             self.store.after_commits(opening)
 
-    def _open_tracking(self, start: resume.Start, checksum: str) -> Callable[[], None]:
-        cfg = self.cfg
+    def _open_tracking(self, start: resume.Start, checksum: str) -> None:
+        """The MLflow run opens once a committed checkpoint holds its key (now, for a run that tracked
+        before): an attempt killed before its first commit leaves no MLflow run the next could not find."""
+        cfg, tracker = self.cfg, self.tracker
         lineage = {"data": {"uri": cfg.data.uri or cfg.data.source, "checksum": checksum},
                    "checkpoint": cfg.checkpoint.uri}
         tags = {**tracking.lineage_tags(lineage),
                 **({"restarted_from": redact(start.restarted_from)} if start.restarted_from else {})}
         committed = list(self.history.records)
-        return lambda: self.tracker.open(cfg, tags, committed)
+        self._tracking_open = lambda: tracker.open(cfg, tags, committed)
+        if (start.latest or {}).get("tracking", {}).get("run_key") == tracker.fields["run_key"]:
+            self._commit_tracking()
 
     def _restore(self, start: resume.Start) -> None:
         if start.latest is not None:

@@ -140,8 +140,14 @@ def said(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("tracking: ")]
 
 
-def run_id(tmp_path) -> str:
-    return json.loads((tmp_path / "ckpt" / "latest.json").read_text())["tracking"]["mlflow_run_id"]
+def epochs_logged(uri: str, experiment: str) -> list[int]:
+    """The steps of every epoch logged in `experiment` so far, in any run (none before the run opens)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [m.step for r in runs for m in client.get_metric_history(r.info.run_id, tracking.STEP_KEY)]
 
 
 def metrics_jsonl(tmp_path) -> list[dict]:
@@ -170,21 +176,24 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_every_epoch_once(tmp_pa
     env = job_env(mlflow_server)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     latest = tmp_path / "ckpt" / "latest.json"
-    # Past the first epoch's commit, mid-way through the second: its epoch is logged, the next one not yet.
+    # Past the first epoch's commit, mid-way through the second.
     wait_until(lambda: latest.exists() and json.loads(latest.read_text())["step"] > STEPS_PER_EPOCH + 10,
                timeout=300, interval=0.05, what="a checkpoint inside the second epoch")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = json.loads(latest.read_text())["step"]
+    # The epoch committed before the kill may or may not have reached MLflow yet: the resumed run logs it if not.
+    held = len(epochs_logged(mlflow_server, "kill9"))
+    assert held <= 1
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {killed_at}" in resumed.stdout
-    # The server was up: the run named, nothing else to report.
-    assert said(resumed.stdout) == [f"tracking: MLflow run {run_id(tmp_path)} (experiment 'kill9') at "
-                                     f"{mlflow_server}, which holds 1 of its epochs"]
-
     client, run = the_run(mlflow_server, "kill9")
+    # The server was up: the run named, nothing else to report.
+    assert said(resumed.stdout) == [f"tracking: MLflow run {run.info.run_id} (experiment 'kill9') at "
+                                     f"{mlflow_server}" + (f", which holds {held} of its epochs" if held else "")]
+
     record = json.loads(latest.read_text())
     assert record["tracking"]["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
     records = metrics_jsonl(tmp_path)
@@ -204,26 +213,52 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_every_epoch_once(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_resumed_attempt_never_logs_a_step_the_run_holds(tmp_path, mlflow_server):
-    """An attempt that logged epochs the next attempt redoes (or whose call landed though it failed):
-    the next one logs only the steps missing, whatever it is handed."""
+def test_a_resumed_attempt_never_logs_a_step_the_run_holds_and_logs_those_it_lacks(tmp_path, mlflow_server):
+    """Attempts as a kill -9 leaves them, at the calls the controller makes: each logs only the steps the
+    MLflow run lacks, whatever it is handed."""
     cfg = load_config(None, small_overrides(tmp_path))
-    epochs = [{"epoch": e, "step": 10 * e, "loss": 1.0 / e} for e in (1, 2, 3)]
-    first = tracking.Tracker(mlflow_server, "dedup", {"run_key": "resume-me"}, print, 30)
-    first.open(cfg, {}, [])
-    first.log_epoch(epochs[0])
-    first.log_epoch(epochs[1])
-    first.close("KILLED")
-    # The next attempt starts from epoch 1's checkpoint and does not yet know the MLflow run's id.
-    second = tracking.Tracker(mlflow_server, "dedup", {"run_key": "resume-me"}, print, 30)
-    second.open(cfg, {}, epochs[:1])
-    second.log_epoch(epochs[1])
-    second.log_epoch(epochs[2])
-    second.close("FINISHED")
+    epochs = [{"epoch": e, "step": 10 * e, "loss": 1.0 / e} for e in (1, 2, 3, 4)]
+
+    def attempt(committed: list[dict], trained: list[dict]) -> tracking.Tracker:
+        tracker = tracking.Tracker(mlflow_server, "dedup", {"run_key": "resume-me"}, print, 30)
+        tracker.open(cfg, {}, committed)
+        for record in trained:
+            tracker.log_epoch(record)
+        tracker.close("KILLED")
+        return tracker
+
+    # Epoch 2 reached MLflow though its checkpoint did not commit (a call that timed out, say), and
+    # the next attempt, from epoch 1's checkpoint and not yet knowing the MLflow run's id, redoes it.
+    first = attempt([], epochs[:2])
+    second = attempt(epochs[:1], epochs[1:3])
+    # Epoch 4's checkpoint committed, and the attempt was killed before its metrics were sent.
+    third = attempt(epochs[:4], [])
     client, run = the_run(mlflow_server, "dedup")
-    assert second.fields["mlflow_run_id"] == first.fields["mlflow_run_id"] == run.info.run_id
+    assert first.fields["mlflow_run_id"] == second.fields["mlflow_run_id"] == third.fields["mlflow_run_id"]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
-        (10, 1.0), (20, 0.5), (30, pytest.approx(1 / 3))]
+        (10, 1.0), (20, 0.5), (30, pytest.approx(1 / 3)), (40, 0.25)]
+
+
+@pytest.mark.slow
+def test_a_restart_from_a_chosen_checkpoint_is_a_new_mlflow_run(tmp_path, mlflow_server, run_job, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    overrides = small_overrides(tmp_path, **{"tracking.experiment": "restart"})
+    run_job(overrides)
+    first = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
+    step = first["kept"][0]
+    _, log = run_job([*overrides, f"checkpoint.resume_from={step}"])
+    assert f"resumed from step {step}" in log
+    second = json.loads((tmp_path / "ckpt" / "latest.json").read_text())
+    assert second["tracking"]["mlflow_run_id"] != first["tracking"]["mlflow_run_id"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    records = metrics_jsonl(tmp_path)
+    for record, restarted in ((first, None), (second, str(tmp_path / "ckpt" / f"ckpt-{step}"))):
+        run = client.get_run(record["tracking"]["mlflow_run_id"])
+        assert run.data.tags.get("restarted_from") == restarted and run.info.status == "FINISHED"
+        # The restarted run holds the epochs before its restart point too, from metrics.jsonl.
+        assert_every_epoch_once(client, run, records)
 
 
 @pytest.fixture(scope="module")
