@@ -5,12 +5,15 @@ changing the training. The slow tests run a real `mlflow server` on 127.0.0.1 wi
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +83,17 @@ def test_tracking_asked_for_without_the_client_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"mlflow client is not installed.*\[tracking\]") as caught:
         tracking.Tracker(f"http://u:{SECRET}@127.0.0.1:1", "e", {"run_key": "k"}, print, 1.0)
     assert caught.value.exit_code == 2 and SECRET not in str(caught.value)
+
+
+def test_the_client_is_an_extra_of_the_training_image_only():
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert not any(d.startswith("mlflow") for d in project["dependencies"] + extras["train"] + extras["serve-libs"])
+    assert len(extras["tracking"]) == 1 and extras["tracking"][0].startswith("mlflow-skinny")
+    installs = re.findall(r'pip install "\.\[([^\]]*)\]"', (root / "Dockerfile.train").read_text())
+    assert "tracking" in installs[0].split(",")
+    assert "tracking" not in (root / "Dockerfile.serve").read_text()
 
 
 # -- Slow: a real tracking server --
