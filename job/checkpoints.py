@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Uploader:
         self.retry_seconds = retry_seconds
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uploader")
         self._futures: list[Future] = []
+        self.gave_up = False  # a write failed for good: what was queued after it stands on nothing
 
     def submit(self, fn, *args, undo=None) -> None:
         """Run fn(*args) after everything submitted before; `undo` runs if it gives up."""
@@ -57,6 +59,7 @@ class Uploader:
         try:
             return storage.retry(fn, *args, seconds=self.retry_seconds)
         except BaseException:
+            self.gave_up = True
             if undo is not None:
                 undo()
             raise
@@ -105,6 +108,11 @@ class CheckpointStore:
         """Write a file of the run after every commit queued before it: storage
         never shows a record that no committed checkpoint covers."""
         self._uploader.submit(self.write, name, data)
+
+    def after_commits(self, fn) -> None:
+        """Call fn() once every commit queued before it has landed, and not at all if one gave up: for
+        records that must never show an epoch no committed checkpoint covers. fn must not raise."""
+        self._uploader.submit(lambda: None if self._uploader.gave_up else fn())
 
     def working_dir(self, name: str) -> Path:
         return self._storage.working_dir(storage.join(self.uri, name))
@@ -195,8 +203,10 @@ class Checkpointer:
     run's training time in its progress, the chief writes the checkpoint."""
 
     def __init__(self, cfg: Config, store: CheckpointStore, parts: Parts, latest: dict | None, data_checksum: str,
-                 is_chief: bool = True, lease: Lease | None = None):
+                 is_chief: bool = True, lease: Lease | None = None, annotate: Callable[[], dict] | None = None):
         self.cfg, self.store, self.parts, self.is_chief, self.lease = cfg, store, parts, is_chief, lease
+        # Fields of the record that others keep up to date (the MLflow run's id, job/tracking.py).
+        self.annotate = annotate or dict
         self.record = {**(latest or {}), "fingerprint": cfg.fingerprint(), "data_checksum": data_checksum,
                        "network_revision": model.REVISIONS[cfg.model.name]}
         self._started, self._before = time.perf_counter(), float(parts.progress.elapsed.numpy())
@@ -222,7 +232,8 @@ class Checkpointer:
             raise StorageError(f"another run took the lease on {self.cfg.checkpoint.uri}; stopping without writing")
         self.record = self.store.save(self.parts.checkpoint, int(progress.step.numpy()), self.record,
                                       finished=False, steps_per_epoch=self.parts.stream.steps_per_epoch,
-                                      stopped_early=bool(progress.stopped_early.numpy()), **fields)
+                                      stopped_early=bool(progress.stopped_early.numpy()),
+                                      **self.annotate(), **fields)
 
 
 class Lease:

@@ -348,6 +348,21 @@ class Distribute(Section):
                                                                     "start before the job fails (exit 75).")
 
 
+class Tracking(Section):
+    mlflow_uri: str | None = Field(
+        None,
+        description="An MLflow tracking server (`http(s)://host:port`) to log the run to: its config as params, "
+                    "each epoch's metrics, lineage tags, `curves.png` and the model card. Null: "
+                    "`MLFLOW_TRACKING_URI` if set, else no tracking. Needs the `tracking` extra (`mlflow-skinny`, in "
+                    "the training image); a server that is down or refuses never fails the run.",
+    )
+    experiment: str = Field("cifar10", min_length=1, max_length=500,
+                            description="The MLflow experiment the run goes in, created if missing.")
+    exit_seconds: float = Field(10.0, gt=0, le=600,
+                                description="At the job's end, how long it waits for the tracking server to take "
+                                            "what is still queued before it exits without it.")
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix="CIFAR_", env_nested_delimiter="__"
@@ -363,6 +378,7 @@ class Config(BaseSettings):
     checkpoint: Checkpoint = Checkpoint()
     export: Export = Export()
     distribute: Distribute = Distribute()
+    tracking: Tracking = Tracking()
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:

@@ -18,12 +18,14 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import tensorflow as tf
 
-from job import data, distribute, export, lineage, model, resume, sources, storage
+from common.redact import redact
+from job import data, distribute, export, lineage, model, resume, sources, storage, tracking
 from job.checkpoints import Checkpointer, CheckpointStore, Lease, Uploader
 from job.config import Config
 from job.errors import DivergedError, PeerLost, Preempted, StorageError
@@ -130,10 +132,12 @@ class Controller:
     """One attempt at a run: the parts it trains, what it records, and its
     phases, which share them here rather than pass them around."""
 
-    # Built by _build; history is the chief's alone.
+    # Built by _build; history and tracker are the chief's alone.
     splits: sources.Splits
     parts: Parts
     history: History | None
+    tracker: tracking.Tracker | None = None
+    _tracking_open: Callable[[], None] | None = None  # until the first commit
     val_ds: tf.data.Dataset | None
     checkpointer: Checkpointer
 
@@ -145,18 +149,32 @@ class Controller:
         start = resume.starting_point(self.cfg, self.store, self.console.info)
         if resume.already_finished(self.cfg, start):
             return _nothing_to_do(start.latest, self.console)
-        self._build(start, lease)
-        self._train(sigterm)
-        if not self.cluster.is_chief:
-            step = int(self.parts.progress.step.numpy())
-            self.console.info(f"trained to step {step}; the chief evaluates and exports")
-            return Result(step, math.nan, math.nan, None, None)
-        return self._finish()
+        status = "FAILED"  # the MLflow run's, should this attempt end here
+        try:
+            self._build(start, lease)
+            self._train(sigterm)
+            if not self.cluster.is_chief:
+                step = int(self.parts.progress.step.numpy())
+                self.console.info(f"trained to step {step}; the chief evaluates and exports")
+                return Result(step, math.nan, math.nan, None, None)
+            result, status = self._finish(), "FINISHED"
+            return result
+        except Preempted:
+            status = "KILLED"  # and retried: the same MLflow run goes on
+            raise
+        finally:
+            if self.tracker:
+                self.tracker.close(status)
 
     # -- Build: the data, what trains on it, and the state a resume restores --
 
     def _build(self, start: resume.Start, lease: Lease | None) -> None:
-        cfg, splits = self.cfg, sources.load(self.cfg)
+        cfg, uri = self.cfg, tracking.tracking_uri(self.cfg)
+        if uri and self.cluster.is_chief:  # before the data loads: a missing client costs seconds
+            self.tracker = tracking.Tracker(uri, cfg.tracking.experiment,
+                                            tracking.run_fields(start.latest, start.restarted_from is not None),
+                                            self.console.info, cfg.tracking.exit_seconds)
+        splits = sources.load(cfg)
         if start.latest is not None:
             resume.check_data(cfg, start.latest, splits.checksum, start.where)
         self.console.info(f"data: {len(splits.x_train)} train, {len(splits.x_val)} validation, "
@@ -171,11 +189,40 @@ class Controller:
         self._restore(start)
         self.val_ds = data.eval_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
         self.checkpointer = Checkpointer(cfg, self.store, self.parts, start.latest, splits.checksum,
-                                         self.cluster.is_chief, lease)
+                                         self.cluster.is_chief, lease, self._tracking_fields)
+        if self.tracker:
+            self._open_tracking(start, splits.checksum)
         if start.source is not self.store:
             # A checkpoint of its own at once: from here the run needs nothing
             # of the one it restarted from.
-            self.checkpointer.commit()
+            self._commit()
+
+    def _tracking_fields(self) -> dict:
+        return {"tracking": self.tracker.fields} if self.tracker else {}
+
+    def _commit(self, **fields) -> None:
+        self.checkpointer.commit(**fields)
+        self._commit_tracking()
+
+    def _commit_tracking(self) -> None:
+        """Open the MLflow run after the commits queued so far, if it waits for one."""
+        opening, self._tracking_open = self._tracking_open, None
+        if opening:
+            self.store.after_commits(opening)
+
+    def _open_tracking(self, start: resume.Start, checksum: str) -> None:
+        """The MLflow run opens once a committed checkpoint holds its key (now, for a run that tracked
+        before): an attempt killed before its first commit leaves no MLflow run the next could not find."""
+        cfg, tracker = self.cfg, self.tracker
+        # The lineage as the card will hold it, tagged from the start: a run killed before it
+        # exports still says which code, image, job and data it ran.
+        known = lineage.collect(cfg, checksum, tf.__version__).model_dump(mode="json")
+        tags = {**tracking.lineage_tags(known),
+                **({"restarted_from": redact(start.restarted_from)} if start.restarted_from else {})}
+        committed = list(self.history.records)
+        self._tracking_open = lambda: tracker.open(cfg, tags, committed)
+        if (start.latest or {}).get("tracking", {}).get("run_key") == tracker.fields["run_key"]:
+            self._commit_tracking()
 
     def _restore(self, start: resume.Start) -> None:
         if start.latest is not None:
@@ -213,9 +260,9 @@ class Controller:
                 if chunk.step % cfg.train.log_every_steps < chunk.steps or chunk.ends_epoch:
                     self._log_progress(meter, epoch, chunk)
                 if self.checkpointer.due(chunk):
-                    self.checkpointer.commit()
+                    self._commit()
                 if self.cluster.any_worker(sigterm.raised):
-                    self.checkpointer.commit()
+                    self._commit()
                     self._raise_preempted(chunk.step)
             if int(progress.step.numpy()) < (epoch + 1) * steps_per_epoch:
                 break  # max_steps reached inside the epoch
@@ -242,7 +289,7 @@ class Controller:
             val_loss, val_accuracy = self.parts.trainer.validate(self.val_ds)[:2]
             fields = self._after_validation(val_loss, val_accuracy, step)
         progress.epochs_done.assign(epoch + 1)
-        self.checkpointer.commit(**fields)
+        self._commit(**fields)
         images, seconds = meter.epoch()
         entry = {"epoch": epoch + 1, "step": step, "loss": train_loss, "accuracy": train_accuracy,
                  "val_loss": val_loss, "val_accuracy": val_accuracy, "seconds": round(seconds, 3),
@@ -250,6 +297,8 @@ class Controller:
                  "elapsed_seconds": round(float(progress.elapsed.numpy()), 3)}
         if self.history:
             self.history.add_epoch(entry)
+        if self.tracker:
+            self.store.after_commits(lambda: self.tracker.log_epoch(entry))
         self.console.epoch_end(entry)
 
     def _after_validation(self, val_loss: float, val_accuracy: float, step: int) -> dict:
@@ -288,7 +337,7 @@ class Controller:
         cfg, parts, splits, store = self.cfg, self.parts, self.splits, self.store
         step = int(parts.progress.step.numpy())
         if int(self.checkpointer.record.get("step", -1)) != step:
-            self.checkpointer.commit()
+            self._commit()
         train_seconds = float(parts.progress.elapsed.numpy())
         store.flush()
         weights_step = self._weights_to_export()
@@ -311,9 +360,12 @@ class Controller:
         version, uri = export.export(served, cfg.export.uri, cfg.export.model_name, card, splits.x_test[:64],
                                      splits.class_names, cfg.checkpoint.retry_seconds)
         self.console.info(f"exported model version {version} to {uri}")
+        if self.tracker:
+            self.tracker.finish(card, store.read("curves.png"), version, uri)
         store.update(self.checkpointer.record, finished=True, export={"version": version, "uri": uri,
                                                                       "test_accuracy": test_acc,
-                                                                      "test_loss": test_loss})
+                                                                      "test_loss": test_loss},
+                     **self._tracking_fields())
         store.flush()
         return Result(step, test_acc, test_loss, version, uri)
 
