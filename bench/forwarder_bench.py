@@ -77,7 +77,7 @@ def start_service(tree: Path, address: str, tmp: Path) -> tuple[subprocess.Popen
                 serve_memory.stop(proc)
             sys.exit(f"forwarder_bench: {tree} never became ready; its log ends:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
-    return proc, url, serve_memory.children(proc.pid), log_path
+    return proc, url, serve_memory.gunicorn_workers(proc.pid), log_path
 
 
 def measure(tree: Path, address: str, duration: int, tmp: Path) -> dict:

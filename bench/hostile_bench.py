@@ -6,8 +6,7 @@ and whether a request's deadline holds, on the default serving setup.
 The default serving setup: `cifar-serve` with its defaults on this machine
 (2 workers of 16 threads on 2 cores, gthread), simple_cnn exported untrained,
 in process, on 127.0.0.1 (serve_memory.start), gunicorn alone
-(SERVE_FRONT=none: the workers' memory is what is measured, and
-serve_memory finds them as the master's children). Each round starts the
+(SERVE_FRONT=none: the workers' memory is what is measured). Each round starts the
 service, has every worker answer 100 small requests (serve_memory's mix, on
 new connections), then reads each worker's VmRSS and USS (idle; USS is
 what the worker holds alone, serve_memory's "own"). It resets each

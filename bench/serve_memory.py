@@ -59,9 +59,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers: how a `cifar-serve`'s workers are found, as the tests find them
 BIN = Path(sys.executable).parent
 SAMPLES = sorted((ROOT / "serve" / "static" / "samples").glob("*.png"))
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "Threads")
+
+from helpers import gunicorn_workers  # noqa: E402  (needs tests/ on sys.path)
 # Candidates for a smaller worker, each against the defaults (2 workers of 16 threads on 2 cores).
 VARIANTS = ("SERVE_WORKERS=1,SERVE_THREADS=32",  # one TensorFlow runtime instead of one per core
             "SERVE_TF_THREADS=1",  # TensorFlow's intra-op and inter-op pools, one thread each
@@ -87,18 +90,6 @@ def memory(pid: int) -> dict:
     values["Pss"] = rollup_kb["Pss"]
     values["Uss"] = rollup_kb["Private_Clean"] + rollup_kb["Private_Dirty"]
     return {**{k: round(v / 1024, 1) for k, v in values.items()}, "Threads": threads}
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # not a process, or one that just ended
-        if ppid == pid:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def request(url: str, i: int) -> None:
@@ -139,7 +130,7 @@ def start(base: Path, workers: int | None, tmp: Path, env: dict | None = None) -
                 sys.exit(f"serve_memory: the service never became ready; its log ends:\n"
                          f"{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        pids = children(proc.pid)
+        pids = gunicorn_workers(proc.pid)
         assert len(pids) == workers, f"expected {workers} workers under {proc.pid}, found {pids}"
         # "Ready" memory is once every worker has loaded the model, as each one logs.
         while not set(pids) <= {int(p) for p in re.findall(r"\[(\d+)\] \[INFO\] serve: .* loaded in this worker",

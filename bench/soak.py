@@ -51,7 +51,7 @@ BIN = Path(sys.executable).parent
 PATH = "/v1/models/cifar10:predict"
 MEMORY_EVERY_S = 5.0
 
-from bench.serve_memory import children  # noqa: E402  (needs ROOT on sys.path)
+from bench.serve_memory import gunicorn_workers  # noqa: E402  (needs ROOT on sys.path)
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ def free_port() -> int:
 def worker_rss(master: int) -> dict[int, float]:
     """VmRSS (what `ps` and `top` call RSS) of each of gunicorn's workers, in MiB."""
     found = {}
-    for pid in children(master):
+    for pid in gunicorn_workers(master):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
@@ -267,7 +267,7 @@ def main() -> None:
             warm = predict(port, body, 0.0, time.monotonic())
             if warm["status"] != 200 or warm["version"] != "1":
                 sys.exit(f"soak: the first request got {warm}; the log ends:\n{log_path.read_text()[-3000:]}")
-            workers = children(proc.pid)
+            workers = gunicorn_workers(proc.pid)
             print(f"soak: {len(workers)} workers {workers}, {args.rate:g} requests/s for {args.minutes:g} min, "
                   f"new version at minute {args.reload_at_minute:g}", file=sys.stderr, flush=True)
             started_utc = datetime.datetime.now(datetime.UTC)

@@ -180,6 +180,17 @@ def rename_in(version_dir: Path, base: Path) -> Path:
     return target
 
 
+def gunicorn_workers(pid: int) -> list[int]:
+    """The gunicorn workers of the `cifar-serve` process `pid`: the children of gunicorn's master,
+    which is that process, or its one child beside nginx when nginx is in front (serve/front.py)."""
+    def children(parent: int) -> list[int]:
+        return sorted(int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split())
+
+    top = children(pid)
+    masters = [p for p in top if Path(f"/proc/{p}/comm").read_text().strip() != "nginx"]
+    return children(masters[0]) if len(masters) < len(top) else top
+
+
 class ServeProcess:
     """`cifar-serve` (`python -m serve`) as a subprocess on a free port, with `args` after the port.
     Its output is collected line by line as (stream, line), stdout and stderr each in its own order."""
@@ -207,14 +218,7 @@ class ServeProcess:
         wait_until(lambda: url_ready(self.url + "/readyz"), timeout=timeout, what=f"{self.url}/readyz")
 
     def worker_pids(self) -> list[int]:
-        """gunicorn's workers: the children of its master, which is this process, or this
-        process's child beside nginx when nginx is in front (serve/front.py)."""
-        def children(pid: int) -> list[int]:
-            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-        top = children(self.proc.pid)
-        masters = [p for p in top if Path(f"/proc/{p}/comm").read_text().strip() != "nginx"]
-        return children(masters[0]) if len(masters) < len(top) else top
+        return gunicorn_workers(self.proc.pid)
 
     def stop(self, drain: bool = False):
         """Kill it if it still runs; with `drain`, return only once its output is all read (or 10 s)."""
