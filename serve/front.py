@@ -62,8 +62,6 @@ def config(settings: Settings, upstream_port: int, prefix: Path) -> str:
     """nginx's whole configuration for this service."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     connections = min(MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[1] // 2)
-    # The app answers a request past its deadline (504) well before nginx gives up on it.
-    upstream_timeout = settings.request_timeout_s + 30
     errors = {**ERRORS, 413: f"the body is larger than {settings.max_body_bytes} bytes"}
     # Internal locations by URI: a named one cannot take a request whose line nginx refused (414).
     pages = "\n".join(f"        error_page {code} = /.error/{code};\n"
@@ -106,8 +104,8 @@ http {{
             proxy_set_header Host $http_host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_read_timeout {upstream_timeout:g}s;
-            proxy_send_timeout {upstream_timeout:g}s;
+            proxy_read_timeout {settings.stuck_after_s}s;
+            proxy_send_timeout {settings.stuck_after_s}s;
             # A kept-alive connection that a worker closed as it restarted (max_requests) or
             # drained is tried once more on a new one; predictions change nothing, so a POST
             # may be sent again. Not after a timeout: that is the deadline's answer.

@@ -25,7 +25,7 @@ threads = _settings.threads
 preload_app = False
 wsgi_app = "serve.app:create_app()"
 # Model calls can take a while on a busy CPU; the per-request timeout is the app's.
-timeout = int(_settings.request_timeout_s) + 30
+timeout = _settings.stuck_after_s
 # SIGTERM: each worker drains, then stops accepting and finishes what is in flight (serve/workers.py).
 graceful_timeout = math.ceil(_settings.drain_seconds + _settings.graceful_timeout)
 keepalive = 5

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         return redact.redact_data({**self.model_dump(mode="json", exclude={"api_keys"}), "auth": auth})
 
     @property
+    def stuck_after_s(self) -> int:
+        """When a request is taken to be stuck, past its own deadline's 504: gunicorn then kills the
+        worker, and nginx gives up waiting for it."""
+        return int(self.request_timeout_s) + 30
+
+    @property
     def name(self) -> str:
         if self.model_name:
             return self.model_name
